@@ -1,0 +1,594 @@
+"""LDIFS: fine-tune CLIP on one task without forgetting the others.
+
+Mukhoti, Gal, Torr, Dokania, "Fine-tuning can cripple your foundation model;
+preserving features may be the solution" (TMLR 2024). The loss is
+
+    loss = CE(head(f(x)), y) + lam * D(x),   D = ldifs_distance(taps(f, x), taps(f0, x))
+
+where f is the trainable image encoder, f0 a frozen copy of the pre-trained one and
+the taps are intermediate activations (see `ldifs_distance`). lam=0 is plain
+fine-tuning.
+
+    python ldifs.py --task eurosat --lam 10       # CLIP ViT-B/32 (OpenAI) on EuroSAT
+    python ldifs.py --task synthetic              # offline smoke run, tiny CLIP, < 1 min on CPU
+    python ldifs.py --help                        # every flag, with its default
+"""
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from open_clip.pretrained import get_pretrained_cfg
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem the user can fix; main prints it as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    classnames: tuple
+    templates: tuple
+    epochs: int  # the release's epochs for this task
+    load: object  # load(root, split, download) -> Dataset of (PIL image, label)
+    layout: str  # where the data lives under --data-root, for errors and --list-tasks
+    source: str  # where to get it
+    downloads: bool  # torchvision fetches it by itself
+    recipe: dict = field(default_factory=dict)  # overrides of the release's recipe (synthetic tasks)
+
+
+class DataMissing(UserError):
+    pass
+
+
+def held_out_split(n, split, seed=0):
+    """Indices of `split` ('train' or 'val') of an official train split of n images:
+    val is a seeded 10% of it (at most 20000 images), as in the release."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(n // 10, 20000)
+    return order[:n_val] if split == "val" else order[n_val:]
+
+
+def fractional_split(n, split, fractions, seed=0):
+    """Indices of `split` in a seeded train/val/test split of n images by `fractions`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train, n_val = round(n * fractions[0]), round(n * fractions[1])
+    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
+    lo, hi = bounds[split]
+    return order[lo:hi]
+
+
+def load_eurosat(root, split, download):
+    # EuroSAT has no official split; 80/10/10 of its 27000 images = 21600/2700/2700.
+    full = torchvision.datasets.EuroSAT(root, download=download)
+    return Subset(full, fractional_split(len(full), split, (0.8, 0.1, 0.1)))
+
+
+SYNTHETIC_COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (60, 80, 230),
+                     "yellow": (230, 210, 60), "purple": (150, 60, 200), "orange": (240, 140, 40)}
+SYNTHETIC_STRIPES = ("horizontal", "vertical", "diagonal", "anti-diagonal")
+SYNTHETIC_SIZES = {"train": 2400, "val": 240, "test": 600}
+
+
+class SyntheticImages(Dataset):
+    """Procedural 64x64 images of a striped square on a noisy background. Each image
+    has two independent concepts, the square's colour and its stripes' orientation;
+    `concept` says which one is the label. Image i of a split is the same in every
+    run and every process, and costs about 0.1 ms to draw."""
+
+    def __init__(self, concept, split, size=64):
+        self.concept, self.split, self.size = concept, split, size
+        self.n = SYNTHETIC_SIZES[split]
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        self.grid = (xs.float(), ys.float())
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        split_seed = {"train": 0, "val": 1, "test": 2}[self.split]
+        g = torch.Generator().manual_seed(1_000_003 * split_seed + i)
+        colour = int(torch.randint(len(SYNTHETIC_COLOURS), (), generator=g))
+        stripes = int(torch.randint(len(SYNTHETIC_STRIPES), (), generator=g))
+        image = self.draw(colour, stripes, g)
+        return Image.fromarray(image.numpy()), colour if self.concept == "colour" else stripes
+
+    def draw(self, colour, stripes, g):
+        xs, ys = self.grid
+        angle = math.pi / 4 * [0, 2, 1, 3][stripes]
+        period = 6 + 4 * float(torch.rand((), generator=g))
+        wave = torch.sin((xs * math.sin(angle) + ys * math.cos(angle)) * 2 * math.pi / period)
+        side = int(self.size * (0.5 + 0.3 * float(torch.rand((), generator=g))))
+        x0, y0 = (int(v) for v in torch.randint(self.size - side + 1, (2,), generator=g))
+        inside = (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
+        rgb = torch.tensor(list(SYNTHETIC_COLOURS.values())[colour]).float()
+        square = rgb * (0.6 + 0.4 * (wave > 0).float())[..., None]
+        image = 110 + 40 * torch.rand(self.size, self.size, 3, generator=g)
+        image = torch.where(inside[..., None], square, image)
+        return image.clamp(0, 255).to(torch.uint8)
+
+
+TINY_CLIP = "ldifs-tiny"
+TINY_CLIP_CONFIG = {  # a 4-block ViT and 2-block text tower for offline runs and tests
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SYNTHETIC_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64)
+
+TASKS = {t.name: t for t in [
+    Task("eurosat",
+         classnames=("annual crop land", "forest", "brushland or shrubland", "highway or road",
+                     "industrial buildings or commercial buildings", "pasture land",
+                     "permanent crop land", "residential buildings or homes or apartments",
+                     "river", "lake or sea"),
+         templates=("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                    "a centered satellite photo of the {}."),
+         epochs=12, load=load_eurosat, layout="eurosat/2750/<class>/*.jpg",
+         source="torchvision.datasets.EuroSAT (downloads by itself)", downloads=True),
+    Task("synthetic", classnames=tuple(SYNTHETIC_COLOURS), templates=("a photo of a {} square.",),
+         epochs=3, load=lambda root, split, download: SyntheticImages("colour", split),
+         layout="(generated, no files)", source="generated", downloads=False, recipe=SYNTHETIC_RECIPE),
+]}
+
+
+def get_dataset(task, split, root, transform=None, download=True):
+    """The (image, label) pairs of `task`'s `split` ('train', 'val' or 'test'), read
+    from (or downloaded into) `root`. Raises DataMissing, a one-line message, when
+    the data is not there and cannot be fetched."""
+    task = TASKS[task] if isinstance(task, str) else task
+    root = os.path.expanduser(root)
+    try:
+        data = task.load(root, split, download)
+    except (OSError, RuntimeError) as e:
+        hint = "check your connection" if download and task.downloads else f"get it from {task.source}"
+        raise DataMissing(f"task {task.name!r}: no data under {os.path.join(root, task.layout)} "
+                          f"and it could not be fetched ({one_line(e)}); {hint}") from e
+    return Transformed(data, transform) if transform else data
+
+
+class Transformed(Dataset):
+    """`data` with `transform` applied to its images."""
+
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, label = self.data[i]
+        return self.transform(image), label
+
+
+# --------------------------------------------------------------- model and regulariser
+
+def ldifs_distance(taps, ref_taps, eps=1e-10):
+    """The LDIFS feature distance between two lists of activations of the same inputs,
+    one tensor per tap, batch first: (B, T, C) tokens or (B, C, H, W) maps.
+
+    As in the authors' release (an LPIPS habit), each tap is divided by its L2 norm
+    along dim 1, which for ViT tokens is the token axis, per channel; the squared
+    difference is averaged over all non-batch dims, then over taps, then over the
+    batch. For tokens this equals (2/T) * mean_c(1 - cos_T(h[:, c], h0[:, c])).
+    Depends on torch alone: copy it freely. lam=10 is calibrated for CLIP ViTs with
+    this normalisation; other backbones need their own lam (see README)."""
+    def unit(h):
+        h = h.float()
+        return h / (h.norm(dim=1, keepdim=True) + eps)
+    per_tap = [(unit(h) - unit(h0)).pow(2).flatten(1).mean(1) for h, h0 in zip(taps, ref_taps)]
+    return torch.stack(per_tap).mean(0).mean()
+
+
+def record_taps(model, names):
+    """Make `model` store the outputs of its submodules `names` on every forward
+    pass, in the returned dict (name -> tensor, in the order of `names`). Hooks read
+    the activations from the one forward pass that also gives the logits."""
+    taps = dict.fromkeys(names)
+    for name in names:
+        model.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: taps.__setitem__(name, output))
+    return taps
+
+
+def default_tap_names(encoder):
+    """The release's taps: for a ViT the output of ln_pre and of the blocks at depth/4,
+    depth/2, 3*depth/4 and depth; for a ModifiedResNet the stem and layer1..layer4."""
+    if hasattr(encoder, "layer4"):
+        return ["avgpool", "layer1", "layer2", "layer3", "layer4"]  # avgpool ends the stem
+    if hasattr(encoder, "ln_pre") and hasattr(encoder, "transformer"):
+        depth = len(encoder.transformer.resblocks)
+        return ["ln_pre"] + [f"transformer.resblocks.{depth * k // 4 - 1}" for k in (1, 2, 3, 4)]
+    raise UserError(f"no default LDIFS taps for a {type(encoder).__name__} image tower; "
+                    "only open_clip ViTs and ModifiedResNets are supported")
+
+
+def frozen_copy(module):
+    """A deep copy that never trains: eval mode, no gradients. Take it before any
+    hooks are added: deepcopy shares hook closures, which would mix the two models' taps."""
+    reference = copy.deepcopy(module).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class ImageClassifier(nn.Module):
+    """The image encoder and a bias-free linear head on its L2-normalised features."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, images):
+        return self.head(F.normalize(self.encoder(images), dim=-1))
+
+
+def register_tiny_clip():
+    if TINY_CLIP not in open_clip.list_models():
+        path = Path(tempfile.mkdtemp()) / f"{TINY_CLIP}.json"
+        path.write_text(json.dumps(TINY_CLIP_CONFIG))
+        open_clip.add_model_config(path)
+
+
+def needs_quick_gelu(name, pretrained):
+    # OpenAI weights were trained with QuickGELU; building them with GELU loses
+    # accuracy silently (open_clip only warns "QuickGELU mismatch").
+    return bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
+
+
+def load_clip(name, pretrained, device="cpu"):
+    """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an
+    open_clip tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
+    register_tiny_clip()
+    tag = None if pretrained == "none" else pretrained
+    hub = name.startswith(("hf-hub:", "local-dir:"))
+    if not hub and open_clip.get_model_config(name) is None:
+        raise UsageError(f"unknown model {name!r}; pick one of open_clip.list_models(), e.g. ViT-B-32")
+    if not hub and tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise UsageError(f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "
+                         "pass a tag, a checkpoint path, or 'none'")
+    try:
+        return open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device, force_quick_gelu=needs_quick_gelu(name, tag))
+    except Exception as e:  # open_clip raises bare RuntimeErrors for all of these
+        what = f"read checkpoint {tag}" if tag and os.path.isfile(tag) else f"download {name} weights {tag or ''}"
+        raise UserError(f"could not {what.strip()}: {one_line(e)}; check your connection or the file") from e
+
+
+def one_line(error, limit=200):
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def zero_shot_head(clip, tokenizer, task, device):
+    """A linear head whose rows are the text embeddings of the task's prompts, scaled
+    by logit_scale.exp() (100 for OpenAI CLIP), as CLIP's zero-shot classifier."""
+    weights = open_clip.build_zero_shot_classifier(
+        clip, tokenizer, task.classnames, task.templates, device=device)
+    head = nn.Linear(weights.shape[0], weights.shape[1], bias=False).to(device)
+    head.weight.data.copy_(weights.T * clip.logit_scale.exp().detach())
+    return head
+
+
+def probe_head(encoder, train_data, num_classes, args):
+    """LP-init: a logistic-regression probe fit on frozen pre-trained features."""
+    x, y = extract_features(encoder, train_data, args)
+    weight = fit_linear_probe(x, y, num_classes)
+    head = nn.Linear(x.shape[1], num_classes, bias=False).to(args.device)
+    head.weight.data.copy_(weight)
+    return head
+
+
+# ----------------------------------------------------------------------------- training
+
+def lr_at(step, lr, warmup, total_steps):
+    """The release's schedule: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) * lr
+
+
+class Augmented(Dataset):
+    """Training data whose random augmentation is seeded by (seed, epoch, image), so a
+    resumed run, any worker count and any number of ranks see identical batches.
+    Indices are epoch * len(data) + image, as `step_batches` yields them."""
+
+    def __init__(self, data, transform, seed):
+        self.data, self.transform, self.seed = data, transform, seed
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        epoch, i = divmod(index, len(self.data))
+        image, label = self.data[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, i)))
+            return self.transform(image), label
+
+
+def step_batches(n, batch_size, seed, start_step, total_steps, rank=0, world_size=1):
+    """This rank's share of each step's batch, for steps start_step..total_steps-1.
+    Every epoch is a seeded permutation of the n images (the last partial batch is
+    dropped), so a batch depends on its step alone."""
+    steps_per_epoch = n // batch_size
+    epoch, order = None, None
+    for step in range(start_step, total_steps):
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch))))
+        k = step % steps_per_epoch
+        yield (epoch * n + order[k * batch_size:(k + 1) * batch_size][rank::world_size]).tolist()
+
+
+def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam):
+    """Cross-entropy and the LDIFS distance D of one batch, from one trainable pass
+    (the release runs the trainable encoder twice per step; one pass that yields both
+    the logits and the taps is the same maths at lower cost). D is 0, and the
+    reference never runs, when lam is 0."""
+    ce = F.cross_entropy(model(images), labels)
+    if lam == 0:
+        return ce, torch.zeros((), device=ce.device)
+    with torch.no_grad():
+        reference(images)
+    return ce, ldifs_distance(list(taps.values()), list(ref_taps.values()))
+
+
+def make_optimizer(params, args):
+    fused = args.device.type == "cuda"  # one kernel for the whole AdamW update
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd, fused=fused)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 is slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(classifier, reference, train_data, args):
+    """Fine-tune `classifier` on `train_data` with CE + lam * D; return its metrics."""
+    taps = record_taps(classifier.encoder, args.taps)
+    ref_taps = record_taps(reference, args.taps) if args.lam > 0 else {}
+    loader = DataLoader(train_data, num_workers=args.workers, pin_memory=args.device.type == "cuda",
+                        batch_sampler=step_batches(len(train_data), args.batch_size, args.seed, 0,
+                                                   args.total_steps))
+    optimizer = make_optimizer(classifier.parameters(), args)
+    sums = torch.zeros(2, device=args.device)  # running CE and D, read only at log intervals
+    progress = tqdm(total=args.total_steps, desc=f"train {args.task}", unit="step", dynamic_ncols=True)
+    log = open(args.out / "log.jsonl", "a")
+    clock, since = Throughput(args.device, args.batch_size), 0
+    classifier.train()
+    for step, (images, labels) in enumerate(loader):
+        images = images.to(args.device, non_blocking=True)
+        labels = labels.to(args.device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.lr, args.warmup, args.total_steps)
+        with autocast(args.device):
+            ce, distance = ldifs_loss(classifier, reference, taps, ref_taps, images, labels, args.lam)
+        optimizer.zero_grad(set_to_none=True)
+        (ce + args.lam * distance).backward()
+        torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
+        optimizer.step()
+        sums += torch.stack([ce.detach(), distance.detach()])
+        clock.tick(step)
+        since += 1
+        progress.update()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.total_steps:
+            ce_mean, d_mean = (sums / since).tolist()
+            record = {"step": step + 1, "lr": group["lr"], "loss/ce": ce_mean,
+                      "loss/ldifs": args.lam * d_mean, "ldifs_distance": d_mean,
+                      "images_per_second": clock.rate()}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.set_postfix(ce=f"{ce_mean:.3f}", ldifs=f"{args.lam * d_mean:.4f}",
+                                 img_s=f"{clock.rate():.1f}")
+            sums.zero_()
+            since = 0
+    progress.close()
+    log.close()
+    return {"steps": args.total_steps, "train_images_per_second": clock.rate()}
+
+
+class Throughput:
+    """Images per second from the end of step 2 on, so start-up costs are excluded."""
+
+    def __init__(self, device, batch_size):
+        self.device, self.batch_size = device, batch_size
+        self.start, self.steps, self.elapsed = None, 0, 0.0
+
+    def tick(self, step):
+        if step == 1:
+            self.start = self.now()
+        elif step > 1 and self.start is not None:
+            self.steps = step - 1
+            self.elapsed = self.now() - self.start
+
+    def now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def rate(self):
+        return self.steps * self.batch_size / self.elapsed if self.elapsed else float("nan")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.inference_mode()
+def extract_features(encoder, data, args):
+    """L2-normalised image embeddings and labels of every image in `data`."""
+    encoder.eval()
+    loader = DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
+    xs, ys = [], []
+    for images, labels in tqdm(loader, desc="features", unit="batch", leave=False, dynamic_ncols=True):
+        with autocast(args.device):
+            xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
+        ys.append(labels.to(args.device))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def fit_linear_probe(x, y, num_classes, l2=1e-4, max_iter=200):
+    """A multinomial logistic regression without bias: the (num_classes, dim) weight
+    that minimises mean CE(x @ W.T, y) + l2/2 * ||W||^2, full-batch, by L-BFGS."""
+    x, y = x.clone(), y.clone()  # tensors made in inference_mode cannot enter autograd; clones can
+    weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], lr=1, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T, y) + l2 / 2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach()
+
+
+@torch.inference_mode()
+def accuracy(classifier, data, args):
+    """Top-1 accuracy (a fraction) of `classifier` on `data`."""
+    x, y = extract_features(classifier.encoder, data, args)
+    return (classifier.head(x).argmax(1) == y).float().mean().item()
+
+
+# --------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="eurosat", help="task to fine-tune on: " + ", ".join(TASKS))
+    p.add_argument("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0 is plain fine-tuning")
+    p.add_argument("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32; ldifs-tiny for synthetic]")
+    p.add_argument("--pretrained", help="open_clip tag, checkpoint path, or 'none' for random init "
+                   "[openai; none for synthetic]")
+    p.add_argument("--head", choices=["lp", "zs"], default="lp",
+                   help="head init: lp = linear probe on frozen pre-trained features (the release), "
+                   "zs = zero-shot text head")
+    p.add_argument("--data-root", default=os.environ.get("LDIFS_DATA", "~/data"),
+                   help="where datasets are read from and downloaded to ($LDIFS_DATA)")
+    p.add_argument("--out", type=Path, help="run directory [runs/<task>-lam<lam>]")
+    p.add_argument("--epochs", type=int, help="training epochs [the release's for the task]")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, help="global batch size [128; 64 for synthetic]")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate [1e-5; 1e-3 for synthetic]")
+    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay [500]")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    p.add_argument("--device", help="torch device [cuda if available, else cpu]")
+    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download data; fail if it is missing")
+    return p.parse_args(argv)
+
+
+RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
+
+
+def resolve_args(args):
+    """Fill the unset flags from the task's recipe, then check them."""
+    if args.task not in TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
+    task = TASKS[args.task]
+    for key, value in {**RELEASE_RECIPE, **task.recipe}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.epochs = args.epochs or task.epochs
+    args.out = args.out or Path("runs") / f"{args.task}-lam{args.lam:g}"
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return task
+
+
+class UsageError(UserError):
+    pass
+
+
+def save_outputs(clip, classifier, task, metrics, args):
+    """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable
+    with create_model(name, pretrained=path) or create_model('local-dir:' + out)),
+    the head, and metrics.json."""
+    clip.visual.load_state_dict(classifier.encoder.state_dict())
+    atomic_save(clip.state_dict(), args.out / "open_clip_pytorch_model.bin")
+    atomic_save({"weight": classifier.head.weight.detach().cpu(), "classnames": list(task.classnames)},
+                args.out / "head.pt")
+    config = open_clip.get_model_config(args.model)
+    if config is not None:
+        config["quick_gelu"] = config.get("quick_gelu", False) or needs_quick_gelu(args.model, args.pretrained)
+        (args.out / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}, indent=2))
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def atomic_save(obj, path):
+    """torch.save that never leaves a half-written file: a killed run keeps the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def run(args):
+    task = resolve_args(args)
+    torch.manual_seed(args.seed)
+    train_images = get_dataset(task, "train", args.data_root, download=args.download)
+    test_images = get_dataset(task, "test", args.data_root, download=args.download)
+    clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = args.epochs * (len(train_images) // args.batch_size)
+    args.total_steps = min(steps, args.max_steps or steps)
+    encoder = clip.visual
+    args.taps = default_tap_names(encoder)
+    reference = frozen_copy(encoder)
+    if args.head == "zs":
+        head = zero_shot_head(clip, open_clip.get_tokenizer(args.model), task, args.device)
+    else:
+        head = probe_head(encoder, Transformed(train_images, eval_transform), len(task.classnames), args)
+    classifier = ImageClassifier(encoder, head)
+    start = time.perf_counter()
+    metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), args)
+    metrics.update(task=args.task, lam=args.lam, model=args.model, pretrained=args.pretrained,
+                   head=args.head, epochs=args.epochs, seed=args.seed,
+                   train_seconds=time.perf_counter() - start)
+    metrics["test_accuracy"] = accuracy(classifier, Transformed(test_images, eval_transform), args)
+    save_outputs(clip, classifier, task, metrics, args)
+    print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
+          f"({metrics['train_images_per_second']:.1f} images/s); outputs in {args.out}")
+    return metrics
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors that we re-state in one line
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"ldifs.py: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
+if __name__ == "__main__":
+    main()
