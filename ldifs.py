@@ -41,19 +41,28 @@ class UserError(Exception):
     """A problem the user can fix; main prints it as one line, without a traceback."""
 
 
+def one_line(error, limit=200):
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # ----------------------------------------------------------------------------- tasks
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    classnames: tuple
+    num_classes: int
+    classnames: tuple  # in the dataset's label order; None: read_classnames(root) reads them
     templates: tuple
     epochs: int  # the release's epochs for this task
     load: object  # load(root, split, download) -> Dataset of (PIL image, label)
     layout: str  # where the data lives under --data-root, for errors and --list-tasks
     source: str  # where to get it
     downloads: bool  # torchvision fetches it by itself
+    size: str = ""  # images in train/val/test, for the README and --list-tasks
+    split_rule: str = ""
     recipe: dict = field(default_factory=dict)  # overrides of the release's recipe (synthetic tasks)
+    read_classnames: object = None
 
 
 class DataMissing(UserError):
@@ -77,11 +86,182 @@ def fractional_split(n, split, fractions, seed=0):
     return order[lo:hi]
 
 
+def official_split(make, split):
+    """train and val from the official train split (make(True)), test from the official
+    test split (make(False))."""
+    if split == "test":
+        return make(False)
+    full = make(True)
+    return Subset(full, held_out_split(len(full), split))
+
+
+class Samples(Dataset):
+    """(path, label) pairs read as RGB PIL images."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return torchvision.datasets.folder.default_loader(path), label
+
+
+def folder_samples(folder, classes, pattern="*"):
+    """Sorted (path, label) pairs of folder/<class>/<pattern>, labels by position in `classes`."""
+    return [(str(path), label) for label, name in enumerate(classes)
+            for path in sorted((Path(folder) / name).glob(pattern))]
+
+
+def require(path):
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found")
+    return path
+
+
 def load_eurosat(root, split, download):
     # EuroSAT has no official split; 80/10/10 of its 27000 images = 21600/2700/2700.
     full = torchvision.datasets.EuroSAT(root, download=download)
     return Subset(full, fractional_split(len(full), split, (0.8, 0.1, 0.1)))
 
+
+def load_dtd(root, split, download):
+    # Partition 1: its train and val together are our official train split.
+    def make(train):
+        parts = [torchvision.datasets.DTD(root, s, partition=1, download=download)
+                 for s in (("train", "val") if train else ("test",))]
+        return torch.utils.data.ConcatDataset(parts)
+    return official_split(make, split)
+
+
+def load_resisc45(root, split, download):
+    # The standard split files (resisc45-{train,val,test}.txt, 18900/6300/6300) when
+    # present; otherwise a seeded 60/20/20 split of the 31500 images.
+    base = Path(root) / "resisc45"
+    samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES, "*.jpg")
+    split_file = base / f"resisc45-{split}.txt"
+    if split_file.exists():
+        keep = set(split_file.read_text().split())
+        return Samples([s for s in samples if Path(s[0]).name in keep])
+    return Subset(Samples(samples), fractional_split(len(samples), split, (0.6, 0.2, 0.2)))
+
+
+def sun397_classes(root):
+    lines = require(Path(root) / "SUN397" / "ClassName.txt").read_text().split()
+    return [line[3:] for line in lines]  # '/a/apartment_building/outdoor' -> 'apartment_building/outdoor'
+
+
+def load_sun397(root, split, download):
+    # torchvision has no split for SUN397: a seeded 80/10/10 split of the sorted files.
+    if download:
+        torchvision.datasets.SUN397(root, download=True)
+    base = Path(root) / "SUN397"
+    classes = sun397_classes(root)
+    label = {name: i for i, name in enumerate(classes)}
+    files = sorted(base.rglob("sun_*.jpg"))
+    samples = [(str(f), label["/".join(f.relative_to(base).parts[1:-1])]) for f in files]
+    return Subset(Samples(samples), fractional_split(len(samples), split, (0.8, 0.1, 0.1)))
+
+
+def load_imagenet(root, split, download):
+    # Read from folders the user places; the official val split is our test split.
+    base = Path(root) / "imagenet"
+    return official_split(lambda train: torchvision.datasets.ImageFolder(
+        require(base / ("train" if train else "val"))), split)
+
+
+def load_cars(root, split, download):
+    # torchvision's StanfordCars download URL is dead: the data must be placed by hand.
+    return official_split(lambda train: torchvision.datasets.StanfordCars(
+        root, "train" if train else "test"), split)
+
+
+def cars_classes(root):
+    return torchvision.datasets.StanfordCars(root, "train").classes
+
+
+def class_names(task, root):
+    """The task's class names in label order; Cars and SUN397 read theirs from the data."""
+    if task.classnames is not None:
+        return task.classnames
+    try:
+        names = task.read_classnames(os.path.expanduser(root))
+    except (OSError, RuntimeError, ImportError) as e:
+        raise data_missing(task, root, e, download=False) from e
+    return tuple(name.replace("_", " ").replace("/", " ") for name in names)
+
+
+def torchvision_loader(cls, train_kwargs, test_kwargs, subdir=""):
+    """A loader for a torchvision dataset with an official train/test split."""
+    def load(root, split, download):
+        return official_split(lambda train: cls(
+            os.path.join(root, subdir), **(train_kwargs if train else test_kwargs), download=download), split)
+    return load
+
+
+PHOTO_TEMPLATES = tuple(f"a {adj}photo of {art} {{}}." for art in ("a", "the") for adj in (
+    "", "blurry ", "black and white ", "low contrast ", "high contrast ", "bad ", "good ")) + tuple(
+    f"a photo of {art} {size} {{}}." for art in ("a", "the") for size in ("small", "big"))
+DIGIT_TEMPLATES = ('a photo of the number: "{}".',)
+SATELLITE_TEMPLATES = tuple(f"{kind} {view} of {art}{{}}." for art in ("", "a ", "the ")
+                            for view in ("imagery", "photo", "view") for kind in ("satellite", "aerial"))
+CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
+GTSRB_CLASSES = (  # the CLIP paper's descriptive names, in class-id order 0..42
+    "red and white circle 20 kph speed limit", "red and white circle 30 kph speed limit",
+    "red and white circle 50 kph speed limit", "red and white circle 60 kph speed limit",
+    "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
+    "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
+    "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
+    "red and white circle red truck and black car no passing",
+    "red and white triangle road intersection warning", "white and yellow diamond priority road",
+    "red and white upside down triangle yield right-of-way", "stop", "empty red and white circle",
+    "red and white circle no truck entry", "red circle with white horizonal stripe no entry",
+    "red and white triangle with exclamation mark warning",
+    "red and white triangle with black left curve approaching warning",
+    "red and white triangle with black right curve approaching warning",
+    "red and white triangle with black double curve approaching warning",
+    "red and white triangle rough / bumpy road warning",
+    "red and white triangle car skidding / slipping warning",
+    "red and white triangle with merging / narrow lanes warning",
+    "red and white triangle with person digging / construction / road work warning",
+    "red and white triangle with traffic light approaching warning",
+    "red and white triangle with person walking warning",
+    "red and white triangle with child and person walking warning",
+    "red and white triangle with bicyle warning", "red and white triangle with snowflake / ice warning",
+    "red and white triangle with deer warning", "white circle with gray strike bar no speed limit",
+    "blue circle with white right turn arrow mandatory", "blue circle with white left turn arrow mandatory",
+    "blue circle with white forward arrow mandatory",
+    "blue circle with white forward or right turn arrow mandatory",
+    "blue circle with white forward or left turn arrow mandatory",
+    "blue circle with white keep right arrow mandatory", "blue circle with white keep left arrow mandatory",
+    "blue circle with white arrows indicating a traffic circle",
+    "white circle with gray strike bar indicating no passing for cars has ended",
+    "white circle with gray strike bar indicating no passing for trucks has ended")
+DTD_CLASSES = (
+    "banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted "
+    "fibrous flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined "
+    "marbled matted meshed paisley perforated pitted pleated polka-dotted porous potholed scaly "
+    "smeared spiralled sprinkled stained stratified striped studded swirly veined waffled woven "
+    "wrinkled zigzagged").split()
+RESISC45_CLASSES = (
+    "airplane airport baseball_diamond basketball_court beach bridge chaparral church "
+    "circular_farmland cloud commercial_area dense_residential desert forest freeway golf_course "
+    "ground_track_field harbor industrial_area intersection island lake meadow medium_residential "
+    "mobile_home_park mountain overpass palace parking_lot railway railway_station "
+    "rectangular_farmland river roundabout runway sea_ice ship snowberg sparse_residential stadium "
+    "storage_tank tennis_court terrace thermal_power_station wetland").split()
+TV = torchvision.datasets
+HELD_OUT = "train = official train minus a seeded 10% val (at most 20000); test = official test"
 
 SYNTHETIC_COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (60, 80, 230),
                      "yellow": (230, 210, 60), "purple": (150, 60, 200), "orange": (240, 140, 40)}
@@ -136,18 +316,51 @@ TINY_CLIP_CONFIG = {  # a 4-block ViT and 2-block text tower for offline runs an
 SYNTHETIC_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64)
 
 TASKS = {t.name: t for t in [
-    Task("eurosat",
-         classnames=("annual crop land", "forest", "brushland or shrubland", "highway or road",
-                     "industrial buildings or commercial buildings", "pasture land",
-                     "permanent crop land", "residential buildings or homes or apartments",
-                     "river", "lake or sea"),
-         templates=("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-                    "a centered satellite photo of the {}."),
-         epochs=12, load=load_eurosat, layout="eurosat/2750/<class>/*.jpg",
-         source="torchvision.datasets.EuroSAT (downloads by itself)", downloads=True),
-    Task("synthetic", classnames=tuple(SYNTHETIC_COLOURS), templates=("a photo of a {} square.",),
-         epochs=3, load=lambda root, split, download: SyntheticImages("colour", split),
-         layout="(generated, no files)", source="generated", downloads=False, recipe=SYNTHETIC_RECIPE),
+    Task("cars", 196, None, ("a photo of a {}.", "a photo of the {}.", "a photo of my {}."), 35,
+         load_cars, "stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
+         "by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars (needs scipy)",
+         False, "8144 / 8041", HELD_OUT, read_classnames=cars_classes),
+    Task("cifar10", 10, tuple("airplane automobile bird cat deer dog frog horse ship truck".split()),
+         PHOTO_TEMPLATES, 10, torchvision_loader(TV.CIFAR10, {"train": True}, {"train": False}),
+         "cifar-10-batches-py/", "torchvision.datasets.CIFAR10", True, "50000 / 10000", HELD_OUT),
+    Task("cifar100", 100, tuple(c.replace("_", " ") for c in CIFAR100_CLASSES), PHOTO_TEMPLATES, 10,
+         torchvision_loader(TV.CIFAR100, {"train": True}, {"train": False}),
+         "cifar-100-python/", "torchvision.datasets.CIFAR100", True, "50000 / 10000", HELD_OUT),
+    Task("dtd", 47, tuple(DTD_CLASSES), tuple(f"a photo of {art} {{}} {kind}." for art in ("a", "the")
+         for kind in ("texture", "pattern", "thing", "object")), 76, load_dtd,
+         "dtd/dtd/{images/<class>/*.jpg,labels/}", "torchvision.datasets.DTD", True, "3760 / 1880",
+         "partition 1: train+val = official train, minus a seeded 10% val; test = test"),
+    Task("eurosat", 10,
+         ("annual crop land", "forest", "brushland or shrubland", "highway or road",
+          "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
+          "residential buildings or homes or apartments", "river", "lake or sea"),
+         tuple(f"a centered satellite photo of {art}{{}}." for art in ("", "a ", "the ")), 12,
+         load_eurosat, "eurosat/2750/<class>/*.jpg", "torchvision.datasets.EuroSAT", True,
+         "27000", "seeded 80/10/10: 21600 / 2700 / 2700"),
+    Task("gtsrb", 43, GTSRB_CLASSES, tuple(f'a {kind} photo of a "{{}}" traffic sign.'
+         for kind in ("zoomed in", "centered", "close up")), 11,
+         torchvision_loader(TV.GTSRB, {"split": "train"}, {"split": "test"}),
+         "gtsrb/GTSRB/{Training,Final_Test}/", "torchvision.datasets.GTSRB", True, "26640 / 12630", HELD_OUT),
+    Task("imagenet", 1000, tuple(open_clip.IMAGENET_CLASSNAMES),
+         tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES), 10, load_imagenet,
+         "imagenet/{train,val}/<wnid>/*.JPEG", "by hand: image-net.org (ILSVRC2012), val sorted into wnid folders",
+         False, "1281167 / 50000", HELD_OUT),
+    Task("mnist", 10, tuple("0123456789"), DIGIT_TEMPLATES, 10,
+         torchvision_loader(TV.MNIST, {"train": True}, {"train": False}),
+         "MNIST/raw/", "torchvision.datasets.MNIST", True, "60000 / 10000", HELD_OUT),
+    Task("resisc45", 45, tuple(c.replace("_", " ") for c in RESISC45_CLASSES), SATELLITE_TEMPLATES, 15,
+         load_resisc45, "resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,val,test}.txt)",
+         "by hand: NWPU-RESISC45 (e.g. via torchgeo), with the standard split files", False,
+         "31500", "the split files (18900 / 6300 / 6300) if present, else seeded 60/20/20"),
+    Task("sun397", 397, None, ("a photo of a {}.", "a photo of the {}."), 14, load_sun397,
+         "SUN397/{ClassName.txt,<letter>/<class>/sun_*.jpg}", "torchvision.datasets.SUN397 (37 GB)", True,
+         "108754", "seeded 80/10/10 of the sorted files", read_classnames=sun397_classes),
+    Task("svhn", 10, tuple("0123456789"), DIGIT_TEMPLATES, 10,
+         torchvision_loader(TV.SVHN, {"split": "train"}, {"split": "test"}, "svhn"),
+         "svhn/{train,test}_32x32.mat", "torchvision.datasets.SVHN (needs scipy)", True, "73257 / 26032", HELD_OUT),
+    Task("synthetic", len(SYNTHETIC_COLOURS), tuple(SYNTHETIC_COLOURS), ("a photo of a {} square.",), 3,
+         lambda root, split, download: SyntheticImages("colour", split), "",
+         "generated", False, "2400 / 240 / 600", "fixed seeds per split", SYNTHETIC_RECIPE),
 ]}
 
 
@@ -159,11 +372,17 @@ def get_dataset(task, split, root, transform=None, download=True):
     root = os.path.expanduser(root)
     try:
         data = task.load(root, split, download)
-    except (OSError, RuntimeError) as e:
-        hint = "check your connection" if download and task.downloads else f"get it from {task.source}"
-        raise DataMissing(f"task {task.name!r}: no data under {os.path.join(root, task.layout)} "
-                          f"and it could not be fetched ({one_line(e)}); {hint}") from e
+    except (OSError, RuntimeError, ImportError) as e:
+        raise data_missing(task, root, e, download) from e
     return Transformed(data, transform) if transform else data
+
+
+def data_missing(task, root, error, download):
+    if isinstance(error, ImportError) or "scipy" in str(error).lower():
+        return DataMissing(f"task {task.name!r} needs scipy to read its .mat files: pip install scipy")
+    tried = "could not be downloaded" if download and task.downloads else "is not downloaded automatically"
+    return DataMissing(f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and it {tried} "
+                       f"({one_line(error)}); get it from {task.source}, or set --data-root")
 
 
 class Transformed(Dataset):
@@ -274,16 +493,10 @@ def load_clip(name, pretrained, device="cpu"):
         raise UserError(f"could not {what.strip()}: {one_line(e)}; check your connection or the file") from e
 
 
-def one_line(error, limit=200):
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def zero_shot_head(clip, tokenizer, task, device):
-    """A linear head whose rows are the text embeddings of the task's prompts, scaled
+def zero_shot_head(clip, tokenizer, classnames, templates, device):
+    """A linear head whose rows are the text embeddings of the class prompts, scaled
     by logit_scale.exp() (100 for OpenAI CLIP), as CLIP's zero-shot classifier."""
-    weights = open_clip.build_zero_shot_classifier(
-        clip, tokenizer, task.classnames, task.templates, device=device)
+    weights = open_clip.build_zero_shot_classifier(clip, tokenizer, classnames, templates, device=device)
     head = nn.Linear(weights.shape[0], weights.shape[1], bias=False).to(device)
     head.weight.data.copy_(weights.T * clip.logit_scale.exp().detach())
     return head
@@ -504,7 +717,17 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download data; fail if it is missing")
+    p.add_argument("--list-tasks", action="store_true",
+                   help="list the tasks, their classes and templates, and where their data is expected")
     return p.parse_args(argv)
+
+
+def list_tasks(root):
+    print(f"{'task':10} {'classes':>7} {'templates':>9} {'download':>8}  data expected at")
+    for t in TASKS.values():
+        where = os.path.join(os.path.expanduser(root), t.layout) if t.layout else "(generated, no files)"
+        fetch = "auto" if t.downloads else "manual" if t.layout else "-"
+        print(f"{t.name:10} {t.num_classes:>7} {len(t.templates):>9} {fetch:>8}  {where}")
 
 
 RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
@@ -528,13 +751,13 @@ class UsageError(UserError):
     pass
 
 
-def save_outputs(clip, classifier, task, metrics, args):
+def save_outputs(clip, classifier, classnames, metrics, args):
     """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable
     with create_model(name, pretrained=path) or create_model('local-dir:' + out)),
     the head, and metrics.json."""
     clip.visual.load_state_dict(classifier.encoder.state_dict())
     atomic_save(clip.state_dict(), args.out / "open_clip_pytorch_model.bin")
-    atomic_save({"weight": classifier.head.weight.detach().cpu(), "classnames": list(task.classnames)},
+    atomic_save({"weight": classifier.head.weight.detach().cpu(), "classnames": list(classnames)},
                 args.out / "head.pt")
     config = open_clip.get_model_config(args.model)
     if config is not None:
@@ -563,10 +786,11 @@ def run(args):
     encoder = clip.visual
     args.taps = default_tap_names(encoder)
     reference = frozen_copy(encoder)
+    classnames = class_names(task, args.data_root)
     if args.head == "zs":
-        head = zero_shot_head(clip, open_clip.get_tokenizer(args.model), task, args.device)
+        head = zero_shot_head(clip, open_clip.get_tokenizer(args.model), classnames, task.templates, args.device)
     else:
-        head = probe_head(encoder, Transformed(train_images, eval_transform), len(task.classnames), args)
+        head = probe_head(encoder, Transformed(train_images, eval_transform), len(classnames), args)
     classifier = ImageClassifier(encoder, head)
     start = time.perf_counter()
     metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), args)
@@ -574,7 +798,7 @@ def run(args):
                    head=args.head, epochs=args.epochs, seed=args.seed,
                    train_seconds=time.perf_counter() - start)
     metrics["test_accuracy"] = accuracy(classifier, Transformed(test_images, eval_transform), args)
-    save_outputs(clip, classifier, task, metrics, args)
+    save_outputs(clip, classifier, classnames, metrics, args)
     print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
           f"({metrics['train_images_per_second']:.1f} images/s); outputs in {args.out}")
     return metrics
@@ -583,6 +807,8 @@ def run(args):
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors that we re-state in one line
     args = parse_args(argv)
+    if args.list_tasks:
+        return list_tasks(args.data_root)
     try:
         run(args)
     except UserError as e:

@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import ldifs
 
@@ -30,7 +31,8 @@ def tiny_setup(tmp_path, *flags, steps=8):
     clip, train_tf, _ = ldifs.load_clip(args.model, args.pretrained)
     args.total_steps, args.taps, args.log_every = steps, ldifs.default_tap_names(clip.visual), 1
     reference = ldifs.frozen_copy(clip.visual)
-    head = ldifs.zero_shot_head(clip, open_clip.get_tokenizer(args.model), ldifs.TASKS["synthetic"], "cpu")
+    task = ldifs.TASKS["synthetic"]
+    head = ldifs.zero_shot_head(clip, open_clip.get_tokenizer(args.model), task.classnames, task.templates, "cpu")
     classifier = ldifs.ImageClassifier(clip.visual, head)
     data = ldifs.Augmented(ldifs.get_dataset("synthetic", "train", args.data_root), train_tf, args.seed)
     return args, classifier, reference, data
@@ -241,3 +243,173 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, flags, message):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# ------------------------------------------------------------------ tasks on fake copies
+# Each fake image is a solid colour whose red channel encodes the class index we
+# expect its label to be, so a test reads the truth from the pixels themselves.
+
+def fake_image(path, code):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (5 * code, 0, 0)).save(path)
+
+
+def decoded_labels(data):
+    return [(round(image.getpixel((4, 4))[0] / 5), label) for image, label in data]
+
+
+def assert_splits(task, root, sizes):
+    """Labels match the pixels, splits are disjoint, deterministic and of the given sizes."""
+    splits = {s: ldifs.get_dataset(task, s, root, download=False) for s in ("train", "val", "test")}
+    for name, data in splits.items():
+        pairs = decoded_labels(data)
+        assert all(code == label for code, label in pairs), (task, name)
+        assert len(data) == sizes[name], (task, name, len(data))
+    again = decoded_labels(ldifs.get_dataset(task, "val", root, download=False))
+    assert again == decoded_labels(splits["val"])
+    return splits
+
+
+def image_ids(data):
+    """Stable identities of a split's images (their paths), through Subset/Concat wrappers."""
+    return {str(p) for p in paths(data)}
+
+
+def paths(data):
+    if isinstance(data, torch.utils.data.Subset):
+        return [paths(data.dataset)[i] for i in data.indices]
+    if isinstance(data, torch.utils.data.ConcatDataset):
+        return [p for d in data.datasets for p in paths(d)]
+    for attr in ("samples", "_samples"):
+        if hasattr(data, attr):
+            return [s[0] for s in getattr(data, attr)]
+    return list(data._image_files)
+
+
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake"]
+
+
+def test_eurosat_labels_follow_folders_and_split_80_10_10(tmp_path):
+    names = dict(zip(EUROSAT_FOLDERS, ldifs.TASKS["eurosat"].classnames))
+    assert names["Highway"] == "highway or road" and names["SeaLake"] == "lake or sea"
+    for code, folder in enumerate(EUROSAT_FOLDERS):
+        for k in range(5):
+            fake_image(tmp_path / "eurosat/2750" / folder / f"{folder}_{k}.jpg", code)
+    splits = assert_splits("eurosat", tmp_path, {"train": 40, "val": 5, "test": 5})
+    ids = [image_ids(d) for d in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+
+
+def test_gtsrb_labels_are_class_ids(tmp_path):
+    base = tmp_path / "gtsrb/GTSRB"
+    for code in range(43):  # torchvision labels training folders by sorted position
+        for k in range(2):
+            fake_image(base / "Training" / f"{code:05d}" / f"{k}.ppm", code)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for k, code in enumerate((14, 42, 0, 14)):
+        fake_image(base / "Final_Test/Images" / f"{k:05d}.ppm", code)
+        rows.append(f"{k:05d}.ppm;8;8;0;0;8;8;{code}")
+    (tmp_path / "gtsrb/GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    assert_splits("gtsrb", tmp_path, {"train": 78, "val": 8, "test": 4})
+    assert ldifs.TASKS["gtsrb"].classnames[14] == "stop"
+
+
+def test_dtd_partition_1_train_and_val_form_train(tmp_path):
+    base = tmp_path / "dtd/dtd"
+    lines = {"train1": [], "val1": [], "test1": []}
+    for code, name in enumerate(ldifs.DTD_CLASSES):
+        for k, part in enumerate(["train1", "train1", "val1", "test1"]):
+            fake_image(base / "images" / name / f"{name}_{k}.jpg", code)
+            lines[part].append(f"{name}/{name}_{k}.jpg")
+    for part, rows in lines.items():
+        (base / "labels").mkdir(parents=True, exist_ok=True)
+        (base / "labels" / f"{part}.txt").write_text("\n".join(rows) + "\n")
+    n_train = 47 * 3
+    assert_splits("dtd", tmp_path, {"train": n_train - n_train // 10, "val": n_train // 10, "test": 47})
+
+
+def make_resisc45(root, per_class=5):
+    for code, folder in enumerate(ldifs.RESISC45_CLASSES):
+        for k in range(per_class):
+            fake_image(root / "resisc45/NWPU-RESISC45" / folder / f"{folder}_{k:03d}.jpg", code)
+
+
+def test_resisc45_seeded_60_20_20_without_split_files(tmp_path):
+    make_resisc45(tmp_path)
+    assert_splits("resisc45", tmp_path, {"train": 135, "val": 45, "test": 45})
+    assert ldifs.TASKS["resisc45"].classnames[2] == "baseball diamond"
+
+
+def test_resisc45_uses_the_standard_split_files(tmp_path):
+    make_resisc45(tmp_path)
+    for split, ks in {"train": (0, 1, 2), "val": (3,), "test": (4,)}.items():
+        names = [f"{c}_{k:03d}.jpg" for c in ldifs.RESISC45_CLASSES for k in ks]
+        (tmp_path / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names))
+    splits = assert_splits("resisc45", tmp_path, {"train": 135, "val": 45, "test": 45})
+    assert all(p.endswith("_004.jpg") for p in image_ids(splits["test"]))
+
+
+def test_sun397_names_from_data_and_seeded_split(tmp_path):
+    classes = ["/a/abbey", "/a/apartment_building/outdoor", "/b/beach"]
+    (tmp_path / "SUN397").mkdir()
+    (tmp_path / "SUN397/ClassName.txt").write_text("\n".join(classes) + "\n")
+    for code, c in enumerate(classes):
+        for k in range(10):
+            fake_image(tmp_path / "SUN397" / c.strip("/") / f"sun_{code}{k}.jpg", code)
+    names = ldifs.class_names(ldifs.TASKS["sun397"], tmp_path)
+    assert names == ("abbey", "apartment building outdoor", "beach")
+    assert_splits("sun397", tmp_path, {"train": 24, "val": 3, "test": 3})
+
+
+def test_imagenet_reads_placed_folders(tmp_path):
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    for code, w in enumerate(wnids):
+        for k in range(10):
+            fake_image(tmp_path / "imagenet/train" / w / f"{k}.JPEG", code)
+        fake_image(tmp_path / "imagenet/val" / w / "v.JPEG", code)
+    assert_splits("imagenet", tmp_path, {"train": 27, "val": 3, "test": 3})
+    assert ldifs.TASKS["imagenet"].classnames[:2] == ("tench", "goldfish")
+
+
+@pytest.mark.parametrize("task, count", [("cars", 196), ("cifar10", 10), ("cifar100", 100), ("dtd", 47),
+                                         ("eurosat", 10), ("gtsrb", 43), ("imagenet", 1000), ("mnist", 10),
+                                         ("resisc45", 45), ("sun397", 397), ("svhn", 10)])
+def test_class_counts_and_templates(task, count):
+    t = ldifs.TASKS[task]
+    assert t.num_classes == count
+    if t.classnames is not None:
+        assert len(t.classnames) == count
+        assert len(set(t.classnames)) == count or task == "imagenet"  # CLIP's list repeats crane, maillot
+    assert t.templates and all(tpl.format("dog") != tpl and "dog" in tpl.format("dog") for tpl in t.templates)
+
+
+def test_class_lists_follow_the_datasets_sorted_folder_order():
+    assert list(ldifs.CIFAR100_CLASSES) == sorted(ldifs.CIFAR100_CLASSES)
+    assert list(ldifs.DTD_CLASSES) == sorted(ldifs.DTD_CLASSES)
+    assert list(ldifs.RESISC45_CLASSES) == sorted(ldifs.RESISC45_CLASSES)
+    assert ldifs.TASKS["cifar100"].classnames[1] == "aquarium fish"
+
+
+def test_held_out_split_is_10_percent_capped_at_20000():
+    assert len(ldifs.held_out_split(1000, "val")) == 100
+    assert len(ldifs.held_out_split(1_281_167, "val")) == 20000
+    assert set(ldifs.held_out_split(1000, "val")).isdisjoint(ldifs.held_out_split(1000, "train"))
+
+
+def test_missing_data_is_one_line_naming_the_folder(tmp_path):
+    with pytest.raises(ldifs.DataMissing) as e:
+        ldifs.get_dataset("dtd", "train", tmp_path, download=False)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "dtd") in message and "'dtd'" in message
+    result = run_cli("--task", "imagenet", "--data-root", str(tmp_path), "--no-download")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(tmp_path / "imagenet") in result.stderr
+
+
+def test_list_tasks_shows_every_task():
+    result = run_cli("--list-tasks", "--data-root", "/data")
+    assert result.returncode == 0
+    listed = {line.split()[0] for line in result.stdout.splitlines()[1:]}
+    assert listed == set(ldifs.TASKS)
+    assert "/data/eurosat/2750" in result.stdout
