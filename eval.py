@@ -1,5 +1,180 @@
-"""Evaluate saved LDIFS runs for concept forgetting (completed in the evaluation issue)."""
+"""Compare saved ldifs.py runs for concept forgetting, as the paper's tables do.
+
+    python eval.py runs/eurosat-lam0 runs/eurosat-lam10
+    python eval.py RUN [RUN ...] [--tasks a,b,...] [--wise-ft 0.25,0.5,0.75] [--json PATH]
+
+Rows: the pre-trained model the runs started from, each run, and each run's WiSE-FT
+mixes ((1 - alpha) * pre-trained + alpha * fine-tuned image encoder and head).
+Columns: the run's own test accuracy on its target task, the linear-probe accuracy
+A_LP on every eval task, Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages.
+Runs may have different target tasks, but must share the model and pre-trained weights.
+"""
+import argparse
+import copy
+import json
+import logging
 import sys
+from pathlib import Path
+
+import torch
+
+import ldifs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
+    p.add_argument("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
+    p.add_argument("--wise-ft", default="", help="comma-separated WiSE-FT mixing weights alpha, e.g. 0.5")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
+    p.add_argument("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")
+    p.add_argument("--no-download", dest="download", action="store_false", help="never download data")
+    p.add_argument("--device", help="torch device [cuda if available, else cpu]")
+    p.add_argument("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
+    return p.parse_args(argv)
+
+
+def load_run(path):
+    """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run."""
+    if not (path / "metrics.json").is_file():
+        raise ldifs.UsageError(f"{path} is not a run directory of ldifs.py (no metrics.json)")
+    try:
+        return {"path": path, "metrics": json.loads((path / "metrics.json").read_text()),
+                "weights": torch.load(path / "open_clip_pytorch_model.bin", map_location="cpu", weights_only=True),
+                "head": torch.load(path / "head.pt", map_location="cpu", weights_only=True)}
+    except Exception as e:  # truncated, corrupt or foreign files
+        raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
+
+
+def check_same_start(runs):
+    starts = {(r["metrics"]["model"], r["metrics"]["pretrained"]) for r in runs}
+    if len(starts) > 1:
+        raise ldifs.UsageError("runs start from different models or weights "
+                               f"({'; '.join(f'{m} / {p}' for m, p in sorted(starts))}); "
+                               "compare runs of one pre-trained model per call")
+    return starts.pop()
+
+
+def method_label(metrics):
+    """FT or LDIFS, as the paper names them, and the head init when it is not LP-init."""
+    method = "FT" if metrics["lam"] == 0 else f"LDIFS (lam {metrics['lam']:g})"
+    return method + (", ZS-init" if metrics.get("head") == "zs" else "")
+
+
+def visual_weights(clip_state_dict):
+    return {k[len("visual."):]: v for k, v in clip_state_dict.items() if k.startswith("visual.")}
+
+
+def wise_ft(pretrained, finetuned, alpha):
+    """WiSE-FT: (1 - alpha) * pretrained + alpha * finetuned, tensor by tensor."""
+    return {k: torch.lerp(pretrained[k].float(), finetuned[k].float(), alpha).to(pretrained[k].dtype)
+            for k in pretrained}
+
+
+def encoder_with(template, weights, device):
+    encoder = copy.deepcopy(template)
+    encoder.load_state_dict(weights)
+    return encoder.to(device).eval()
+
+
+def target_accuracy(encoder, head_weight, task, transform, args):
+    test = ldifs.get_dataset(task, "test", args.data_root, transform, args.download)
+    return ldifs.probe_accuracy(head_weight.to(args.device), *ldifs.extract_features(encoder, test, args))
+
+
+def probe_row(encoder, tasks, transform, args, cache=False):
+    """{task: A_LP} of the encoder."""
+    row = {}
+    for name in tasks:
+        f = ldifs.task_features(encoder, ldifs.TASKS[name], transform, args, cache=cache)
+        row[name] = ldifs.linear_probe(*f["train"], *f["test"], val=f["val"])
+    return row
+
+
+def available_tasks(tasks, args):
+    """The tasks whose data can be had; a missing one is skipped with a warning."""
+    kept = []
+    for name in tasks:
+        try:
+            ldifs.get_dataset(name, "test", args.data_root, download=args.download)
+            kept.append(name)
+        except ldifs.DataMissing as e:
+            print(f"eval.py: warning: skipping {name}: {e}", file=sys.stderr)
+    return kept
+
+
+def rows_for_run(run, pre_visual, template, transform, tasks, alphas, args):
+    metrics, head = run["metrics"], run["head"]
+    label = f"{metrics['task']} {method_label(metrics)}"
+    mixes = [(1.0, label)] + [(a, f"  WiSE-FT alpha {a:g} of {label}") for a in alphas]
+    rows = []
+    for alpha, name in mixes:
+        encoder = encoder_with(template, wise_ft(pre_visual, visual_weights(run["weights"]), alpha), args.device)
+        head_weight = torch.lerp(head["init_weight"], head["weight"], alpha)
+        rows.append({"label": name, "run": str(run["path"]), "task": metrics["task"], "lam": metrics["lam"],
+                     "alpha": alpha,
+                     "target_accuracy": target_accuracy(encoder, head_weight, metrics["task"], transform, args),
+                     "a_lp": probe_row(encoder, tasks, transform, args)})
+    return rows
+
+
+def add_deltas(rows, baseline):
+    for row in rows:
+        row["delta_lp"] = {t: row["a_lp"][t] - baseline[t] for t in baseline}
+        row["avg_a_lp"] = sum(row["a_lp"].values()) / max(1, len(row["a_lp"]))
+        row["avg_delta_lp"] = sum(row["delta_lp"].values()) / max(1, len(row["delta_lp"]))
+
+
+def markdown(rows, tasks):
+    pct = lambda v, signed=False: "-" if v is None else f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+    head = ["model", "target acc"] + [f"A_LP {t}" for t in tasks] + [f"Δ_LP {t}" for t in tasks] + \
+        ["avg A_LP", "avg Δ_LP"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for i, r in enumerate(rows):
+        pre = i == 0
+        cells = [r["label"], pct(r["target_accuracy"])] + [pct(r["a_lp"][t]) for t in tasks] + \
+            [pct(None if pre else r["delta_lp"][t], True) for t in tasks] + \
+            [pct(r["avg_a_lp"]), pct(None if pre else r["avg_delta_lp"], True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate(args):
+    runs = [load_run(path) for path in args.runs]
+    args.model, args.pretrained = check_same_start(runs)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    alphas = [float(a) for a in args.wise_ft.split(",") if a]
+    if any(not 0 <= a <= 1 for a in alphas):
+        raise ldifs.UsageError(f"--wise-ft weights must lie in [0, 1], got {args.wise_ft}")
+    default = [t for r in runs for t in r["metrics"].get("eval_tasks", [])] or \
+        ldifs.parse_eval_tasks(ldifs.DEFAULT_EVAL_TASKS, None)
+    tasks = available_tasks(ldifs.parse_eval_tasks(args.tasks, None) if args.tasks else list(dict.fromkeys(default)), args)
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained, args.device)
+    pre_visual = {k: v.cpu() for k, v in clip.visual.state_dict().items()}
+    baseline = probe_row(clip.visual.eval(), tasks, transform, args, cache=True)
+    weights = "/".join(Path(args.pretrained).parts[-2:])
+    rows = [{"label": f"pre-trained {args.model} ({weights})", "target_accuracy": None, "a_lp": baseline}]
+    for run in runs:
+        rows += rows_for_run(run, pre_visual, clip.visual, transform, tasks, alphas, args)
+    add_deltas(rows, baseline)
+    print(markdown(rows, tasks))
+    if args.json:
+        ldifs.write_json({"model": args.model, "pretrained": args.pretrained, "tasks": tasks, "rows": rows}, args.json)
+    return rows
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors that we re-state in one line
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    except ldifs.UserError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ldifs.UsageError) else 1)
+
 
 if __name__ == "__main__":
-    sys.exit("eval.py: error: not implemented yet; ldifs.py prints each run's test accuracy")
+    main()

@@ -16,6 +16,7 @@ fine-tuning.
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -313,7 +314,8 @@ TINY_CLIP_CONFIG = {  # a 4-block ViT and 2-block text tower for offline runs an
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-SYNTHETIC_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64)
+SYNTHETIC_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64,
+                        eval_tasks="synthetic,synthetic-stripes")
 
 TASKS = {t.name: t for t in [
     Task("cars", 196, None, ("a photo of a {}.", "a photo of the {}.", "a photo of my {}."), 35,
@@ -360,6 +362,9 @@ TASKS = {t.name: t for t in [
          "svhn/{train,test}_32x32.mat", "torchvision.datasets.SVHN (needs scipy)", True, "73257 / 26032", HELD_OUT),
     Task("synthetic", len(SYNTHETIC_COLOURS), tuple(SYNTHETIC_COLOURS), ("a photo of a {} square.",), 3,
          lambda root, split, download: SyntheticImages("colour", split), "",
+         "generated", False, "2400 / 240 / 600", "fixed seeds per split", SYNTHETIC_RECIPE),
+    Task("synthetic-stripes", len(SYNTHETIC_STRIPES), tuple(f"{s} stripes" for s in SYNTHETIC_STRIPES),
+         ("a photo of {}.",), 3, lambda root, split, download: SyntheticImages("stripes", split), "",
          "generated", False, "2400 / 240 / 600", "fixed seeds per split", SYNTHETIC_RECIPE),
 ]}
 
@@ -502,11 +507,12 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device):
     return head
 
 
-def probe_head(encoder, train_data, num_classes, args):
-    """LP-init: a logistic-regression probe fit on frozen pre-trained features."""
-    x, y = extract_features(encoder, train_data, args)
-    weight = fit_linear_probe(x, y, num_classes)
-    head = nn.Linear(x.shape[1], num_classes, bias=False).to(args.device)
+def probe_head(encoder, task, num_classes, transform, args):
+    """LP-init: a logistic-regression probe fit on frozen pre-trained features, its L2
+    strength chosen on the val split, then refit on train + val, as the release does."""
+    f = task_features(encoder, task, transform, args, cache=True)
+    weight = select_probe(*f["train"], *f["val"], num_classes)
+    head = nn.Linear(weight.shape[1], num_classes, bias=False).to(args.device)
     head.weight.data.copy_(weight)
     return head
 
@@ -680,14 +686,119 @@ def fit_linear_probe(x, y, num_classes, l2=1e-4, max_iter=200):
     return weight.detach()
 
 
-@torch.inference_mode()
-def accuracy(classifier, data, args):
-    """Top-1 accuracy (a fraction) of `classifier` on `data`."""
-    x, y = extract_features(classifier.encoder, data, args)
-    return (classifier.head(x).argmax(1) == y).float().mean().item()
+PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # L2 strengths tried, weakest first
+
+
+@torch.no_grad()
+def probe_accuracy(weight, x, y):
+    """Top-1 accuracy (a fraction) of the linear classifier x @ weight.T."""
+    return (x @ weight.T).argmax(1).eq(y).float().mean().item()
+
+
+def select_probe(train_x, train_y, val_x, val_y, num_classes):
+    """The probe whose L2 strength does best on val (the weakest among ties), refit on
+    train + val."""
+    best = max(PROBE_L2, key=lambda l2: probe_accuracy(
+        fit_linear_probe(train_x, train_y, num_classes, l2), val_x, val_y))
+    return fit_linear_probe(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), num_classes, best)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, val=None):
+    """A_LP: the test accuracy (a fraction) of a logistic-regression probe on frozen
+    features, its L2 strength chosen on `val` = (x, y), by default a seeded 10% of train."""
+    if val is None:
+        keep, held = (held_out_split(len(train_x), s) for s in ("train", "val"))
+        (train_x, train_y), val = (train_x[keep], train_y[keep]), (train_x[held], train_y[held])
+    num_classes = int(torch.cat([train_y, val[1], test_y]).max()) + 1
+    return probe_accuracy(select_probe(train_x, train_y, *val, num_classes), test_x, test_y)
+
+
+def feature_key(args, task, split, transform):
+    """Everything the pre-trained encoder's features depend on, for the feature cache."""
+    weights = args.pretrained
+    if os.path.isfile(weights):  # a local checkpoint: its identity is its path, size and mtime
+        stat = os.stat(weights)
+        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+    return {"model": args.model, "pretrained": weights, "task": task.name, "split": split,
+            "preprocess": repr(transform), "format": 1}
+
+
+def cached_features(encoder, data, key, args):
+    """extract_features, memoised on disk under `key`; an entry that is unreadable or
+    made for another key is recomputed, never trusted."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(args.cache_dir).expanduser() / f"{key['task']}-{key['split']}-{digest}.pt"
+    with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
+        entry = torch.load(path, map_location=args.device, weights_only=True)
+        if entry["key"] == key and len(entry["x"]) == len(entry["y"]) == len(data):
+            return entry["x"], entry["y"]
+    x, y = extract_features(encoder, data, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"key": key, "x": x.cpu(), "y": y.cpu()}, path)
+    return x, y
+
+
+def task_features(encoder, task, transform, args, cache=False):
+    """{split: (features, labels)} of the task's train, val and test splits; cached on
+    disk when `cache` (for the pre-trained encoder, which every run shares)."""
+    features = {}
+    for split in ("train", "val", "test"):
+        data = get_dataset(task, split, args.data_root, transform, args.download)
+        features[split] = (cached_features(encoder, data, feature_key(args, task, split, transform), args)
+                           if cache else extract_features(encoder, data, args))
+    return features
+
+
+def forgetting_on(task, reference, encoder, clip, transform, args):
+    """Zero-shot (pre-trained text head) and linear-probe accuracy of the pre-trained and
+    the fine-tuned image encoder on `task`, and the deltas (fine-tuned minus pre-trained)."""
+    tokenizer = open_clip.get_tokenizer(args.model)
+    zs = zero_shot_head(clip, tokenizer, class_names(task, args.data_root), task.templates, args.device)
+    row = {}
+    for which, model in (("pretrained", reference), ("finetuned", encoder)):
+        f = task_features(model, task, transform, args, cache=which == "pretrained")
+        row[f"zs_{which}"] = probe_accuracy(zs.weight, *f["test"])
+        row[f"lp_{which}"] = linear_probe(*f["train"], *f["test"], val=f["val"])
+    row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
+    row["delta_lp"] = row["lp_finetuned"] - row["lp_pretrained"]
+    return row
+
+
+def evaluate_forgetting(reference, encoder, clip, transform, args):
+    """forgetting_on for every eval task; a task whose data is missing is skipped with a
+    warning and never costs the run."""
+    results = {}
+    for name in args.eval_tasks:
+        try:
+            results[name] = forgetting_on(TASKS[name], reference, encoder, clip, transform, args)
+        except DataMissing as e:
+            print(f"ldifs.py: warning: skipping eval task {name}: {e}", file=sys.stderr)
+            results[name] = {"skipped": str(e)}
+    return results
+
+
+def forgetting_table(results):
+    """The forgetting results as a Markdown table, in percent, with the average."""
+    columns = ["zs_pretrained", "zs_finetuned", "delta_zs", "lp_pretrained", "lp_finetuned", "delta_lp"]
+    lines = ["| task | ZS pre | ZS ft | Δ_ZS | LP pre | LP ft | Δ_LP |", "|---|" + "---:|" * 6]
+    for name, row in results.items():
+        cells = [f"{100 * row[c]:+.1f}" if c.startswith("delta") else f"{100 * row[c]:.1f}" for c in columns] \
+            if "skipped" not in row else ["skipped (data missing)"] + [""] * 5
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    done = [row for row in results.values() if "skipped" not in row]
+    if done:
+        means = [sum(row[c] for row in done) / len(done) for c in columns]
+        lines.append("| **average** | " + " | ".join(
+            f"{100 * m:+.1f}" if c.startswith("delta") else f"{100 * m:.1f}" for c, m in zip(columns, means)) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------- main
+
+DATA_ROOT = os.environ.get("LDIFS_DATA", "~/data")
+CACHE_DIR = os.environ.get("LDIFS_CACHE", "~/.cache/ldifs")
+WORKERS = min(8, len(os.sched_getaffinity(0)))
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -700,7 +811,7 @@ def parse_args(argv=None):
     p.add_argument("--head", choices=["lp", "zs"], default="lp",
                    help="head init: lp = linear probe on frozen pre-trained features (the release), "
                    "zs = zero-shot text head")
-    p.add_argument("--data-root", default=os.environ.get("LDIFS_DATA", "~/data"),
+    p.add_argument("--data-root", default=DATA_ROOT,
                    help="where datasets are read from and downloaded to ($LDIFS_DATA)")
     p.add_argument("--out", type=Path, help="run directory [runs/<task>-lam<lam>]")
     p.add_argument("--epochs", type=int, help="training epochs [the release's for the task]")
@@ -712,11 +823,17 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     p.add_argument("--device", help="torch device [cuda if available, else cpu]")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
+    p.add_argument("--workers", type=int, default=WORKERS,
+                   help="data-loading worker processes")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download data; fail if it is missing")
+    p.add_argument("--eval-tasks", help="comma-separated tasks to measure forgetting on, or 'none' "
+                   "[cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat minus the target; the other "
+                   "synthetic task for synthetic]")
+    p.add_argument("--cache-dir", default=CACHE_DIR,
+                   help="where the pre-trained encoder's features are cached ($LDIFS_CACHE)")
     p.add_argument("--list-tasks", action="store_true",
                    help="list the tasks, their classes and templates, and where their data is expected")
     return p.parse_args(argv)
@@ -730,6 +847,19 @@ def list_tasks(root):
         print(f"{t.name:10} {t.num_classes:>7} {len(t.templates):>9} {fetch:>8}  {where}")
 
 
+DEFAULT_EVAL_TASKS = "cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat"  # what torchvision downloads
+
+
+def parse_eval_tasks(value, target):
+    if value == "none":
+        return []
+    names = [name for name in value.split(",") if name and name != target]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}, or 'none'")
+    return names
+
+
 RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
 
 
@@ -739,9 +869,13 @@ def resolve_args(args):
         raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
     task = TASKS[args.task]
     for key, value in {**RELEASE_RECIPE, **task.recipe}.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None and key != "eval_tasks":
             setattr(args, key, value)
     args.epochs = args.epochs or task.epochs
+    if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
+        args.pretrained = os.path.abspath(args.pretrained)
+    args.eval_tasks = parse_eval_tasks(args.eval_tasks or task.recipe.get("eval_tasks", DEFAULT_EVAL_TASKS),
+                                       args.task)
     args.out = args.out or Path("runs") / f"{args.task}-lam{args.lam:g}"
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return task
@@ -751,20 +885,26 @@ class UsageError(UserError):
     pass
 
 
-def save_outputs(clip, classifier, classnames, metrics, args):
+def save_outputs(clip, classifier, classnames, init_weight, metrics, args):
     """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable
     with create_model(name, pretrained=path) or create_model('local-dir:' + out)),
-    the head, and metrics.json."""
+    the head (and its initial weight, which WiSE-FT mixes in), and metrics.json."""
     clip.visual.load_state_dict(classifier.encoder.state_dict())
     atomic_save(clip.state_dict(), args.out / "open_clip_pytorch_model.bin")
-    atomic_save({"weight": classifier.head.weight.detach().cpu(), "classnames": list(classnames)},
-                args.out / "head.pt")
+    atomic_save({"weight": classifier.head.weight.detach().cpu(), "init_weight": init_weight.cpu(),
+                 "classnames": list(classnames)}, args.out / "head.pt")
     config = open_clip.get_model_config(args.model)
     if config is not None:
         config["quick_gelu"] = config.get("quick_gelu", False) or needs_quick_gelu(args.model, args.pretrained)
         (args.out / "open_clip_config.json").write_text(json.dumps(
             {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}, indent=2))
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(metrics, args.out / "metrics.json")
+
+
+def write_json(obj, path):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def atomic_save(obj, path):
@@ -774,11 +914,17 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def initial_head(clip, encoder, task, classnames, transform, args):
+    if args.head == "zs":
+        return zero_shot_head(clip, open_clip.get_tokenizer(args.model), classnames, task.templates, args.device)
+    return probe_head(encoder, task, len(classnames), transform, args)
+
+
 def run(args):
     task = resolve_args(args)
     torch.manual_seed(args.seed)
     train_images = get_dataset(task, "train", args.data_root, download=args.download)
-    test_images = get_dataset(task, "test", args.data_root, download=args.download)
+    test_data = get_dataset(task, "test", args.data_root, download=args.download)
     clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     steps = args.epochs * (len(train_images) // args.batch_size)
@@ -787,20 +933,24 @@ def run(args):
     args.taps = default_tap_names(encoder)
     reference = frozen_copy(encoder)
     classnames = class_names(task, args.data_root)
-    if args.head == "zs":
-        head = zero_shot_head(clip, open_clip.get_tokenizer(args.model), classnames, task.templates, args.device)
-    else:
-        head = probe_head(encoder, Transformed(train_images, eval_transform), len(classnames), args)
+    head = initial_head(clip, encoder, task, classnames, eval_transform, args)
+    init_weight = head.weight.detach().clone()
     classifier = ImageClassifier(encoder, head)
     start = time.perf_counter()
     metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), args)
     metrics.update(task=args.task, lam=args.lam, model=args.model, pretrained=args.pretrained,
-                   head=args.head, epochs=args.epochs, seed=args.seed,
+                   head=args.head, epochs=args.epochs, seed=args.seed, eval_tasks=args.eval_tasks,
                    train_seconds=time.perf_counter() - start)
-    metrics["test_accuracy"] = accuracy(classifier, Transformed(test_images, eval_transform), args)
-    save_outputs(clip, classifier, classnames, metrics, args)
+    save_outputs(clip, classifier, classnames, init_weight, metrics, args)  # before evaluating: nothing lost
+    test_x, test_y = extract_features(encoder, Transformed(test_data, eval_transform), args)
+    metrics["test_accuracy"] = probe_accuracy(classifier.head.weight, test_x, test_y)
     print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
           f"({metrics['train_images_per_second']:.1f} images/s); outputs in {args.out}")
+    if args.eval_tasks:
+        metrics["forgetting"] = evaluate_forgetting(reference, encoder, clip, eval_transform, args)
+        print(f"\nConcept forgetting after fine-tuning on {args.task} (lam {args.lam:g}), accuracy in %:\n")
+        print(forgetting_table(metrics["forgetting"]))
+    write_json(metrics, args.out / "metrics.json")
     return metrics
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import open_clip
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import eval as evaluation
 import ldifs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,10 +204,22 @@ def run_cli(*flags, script="ldifs.py"):
                           text=True, env=env, cwd=HERE)
 
 
-def test_cli_writes_outputs_that_open_clip_loads(tmp_path):
-    out = tmp_path / "run"
-    result = run_cli("--task", "synthetic", "--max-steps", "12", "--workers", "0", "--out", str(out))
-    assert result.returncode == 0, result.stderr
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two short synthetic runs from the CLI, lam 0 and lam 10, evaluated on the stripes task."""
+    root = tmp_path_factory.mktemp("runs")
+    results = {}
+    for lam in ("0", "10"):
+        out = root / f"lam{lam}"
+        results[lam] = run_cli("--task", "synthetic", "--lam", lam, "--max-steps", "12", "--workers", "0",
+                               "--out", str(out), "--cache-dir", str(root / "cache"))
+        assert results[lam].returncode == 0, results[lam].stderr
+    return root, results
+
+
+def test_cli_writes_outputs_that_open_clip_loads(two_runs):
+    root, results = two_runs
+    out, result = root / "lam10", results["10"]
     assert "QuickGELU mismatch" not in result.stdout + result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ["task", "lam", "model", "pretrained", "steps", "epochs", "test_accuracy",
@@ -222,7 +236,57 @@ def test_cli_writes_outputs_that_open_clip_loads(tmp_path):
     for model in (loaded, by_name):
         assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     head = torch.load(out / "head.pt", weights_only=True)
-    assert head["weight"].shape == (len(ldifs.TASKS["synthetic"].classnames), 64)
+    assert head["weight"].shape == head["init_weight"].shape == (len(ldifs.TASKS["synthetic"].classnames), 64)
+
+
+def test_run_ends_with_a_forgetting_table(two_runs):
+    root, results = two_runs
+    assert "| synthetic-stripes |" in results["10"].stdout and "Δ_LP" in results["10"].stdout
+    row = json.loads((root / "lam10/metrics.json").read_text())["forgetting"]["synthetic-stripes"]
+    assert set(row) == {"zs_pretrained", "zs_finetuned", "delta_zs", "lp_pretrained", "lp_finetuned", "delta_lp"}
+    assert row["delta_lp"] == pytest.approx(row["lp_finetuned"] - row["lp_pretrained"])
+    assert all(0 <= row[k] <= 1 for k in row if not k.startswith("delta"))
+
+
+def test_eval_compares_runs_and_wise_ft(two_runs, tmp_path):
+    root, _ = two_runs
+    result = run_cli(str(root / "lam0"), str(root / "lam10"), "--wise-ft", "0.5", "--workers", "0",
+                     "--cache-dir", str(root / "cache"), "--json", str(tmp_path / "e.json"), script="eval.py")
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    labels = [line.split("|")[1].strip() for line in table[1:]]
+    assert labels[0].startswith("pre-trained") and "synthetic FT" in labels and "synthetic LDIFS (lam 10)" in labels
+    assert sum("WiSE-FT alpha 0.5" in label for label in labels) == 2
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    pre = rows[0]["a_lp"]["synthetic-stripes"]
+    assert all(r["delta_lp"]["synthetic-stripes"] == pytest.approx(r["a_lp"]["synthetic-stripes"] - pre)
+               for r in rows)
+    ft = next(r for r in rows if r["label"] == "synthetic FT")
+    recorded = json.loads((root / "lam0/metrics.json").read_text())["test_accuracy"]
+    assert ft["target_accuracy"] == pytest.approx(recorded)  # the same head on the same split
+
+
+def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
+    result = run_cli(str(tmp_path), script="eval.py")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "not a run directory" in result.stderr
+
+
+def test_wise_ft_interpolates_weights():
+    a, b = {"w": torch.zeros(3)}, {"w": torch.ones(3) * 4}
+    assert torch.equal(evaluation.wise_ft(a, b, 0.25)["w"], torch.ones(3))
+    assert torch.equal(evaluation.wise_ft(a, b, 0.0)["w"], a["w"])
+
+
+def test_missing_eval_data_is_skipped_not_fatal(tmp_path):
+    result = run_cli("--task", "synthetic", "--max-steps", "3", "--workers", "0", "--out", str(tmp_path / "o"),
+                     "--eval-tasks", "dtd,synthetic-stripes", "--no-download", "--data-root", str(tmp_path),
+                     "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipping eval task dtd" in result.stderr and "Traceback" not in result.stderr
+    assert "| dtd | skipped" in result.stdout
+    forgetting = json.loads((tmp_path / "o/metrics.json").read_text())["forgetting"]
+    assert "skipped" in forgetting["dtd"] and "delta_lp" in forgetting["synthetic-stripes"]
 
 
 def test_openai_weights_are_built_with_quick_gelu():
@@ -413,3 +477,124 @@ def test_list_tasks_shows_every_task():
     listed = {line.split()[0] for line in result.stdout.splitlines()[1:]}
     assert listed == set(ldifs.TASKS)
     assert "/data/eurosat/2750" in result.stdout
+
+
+# ------------------------------------------------------------------ evaluation
+
+def blobs(n, num_classes=10, dim=64, noise=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
+    y = torch.randint(num_classes, (n,), generator=g)
+    return F.normalize(means[y] + noise * torch.randn(n, dim, generator=g), dim=-1), y
+
+
+def test_probe_separates_separable_data_and_is_chance_on_shuffled_labels():
+    (x, y), (tx, ty) = blobs(2000), blobs(1000, seed=1)
+    assert ldifs.linear_probe(x, y, tx, ty) > 0.99
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert abs(ldifs.linear_probe(x, shuffled, tx, ty) - 0.1) < 0.05
+
+
+def test_probe_matches_tuned_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    (x, y), (vx, vy), (tx, ty) = (blobs(n, num_classes=20, dim=128, noise=3.0, seed=s)
+                                  for n, s in ((3000, 0), (500, 1), (2000, 2)))
+    ours = ldifs.linear_probe(x, y, tx, ty, val=(vx, vy))
+    best_c = max((0.01, 0.1, 1, 10, 100), key=lambda c: sklearn.LogisticRegression(C=c, max_iter=2000)
+                 .fit(x.numpy(), y.numpy()).score(vx.numpy(), vy.numpy()))
+    theirs = sklearn.LogisticRegression(C=best_c, max_iter=2000).fit(
+        torch.cat([x, vx]).numpy(), torch.cat([y, vy]).numpy()).score(tx.numpy(), ty.numpy())
+    assert ours >= theirs - 0.01, (ours, theirs)
+
+
+def test_zero_shot_head_is_open_clips_classifier_times_logit_scale():
+    clip, _, _ = ldifs.load_clip(ldifs.TINY_CLIP, "none")
+    tokenizer = open_clip.get_tokenizer(ldifs.TINY_CLIP)
+    task = ldifs.TASKS["synthetic"]
+    head = ldifs.zero_shot_head(clip, tokenizer, task.classnames, task.templates, "cpu")
+    theirs = open_clip.build_zero_shot_classifier(clip, tokenizer, task.classnames, task.templates)
+    assert torch.allclose(head.weight, theirs.T * clip.logit_scale.exp(), atol=1e-5)
+
+
+class Constant(torch.nn.Module):
+    """An encoder that forgot everything: the same features for every image."""
+
+    def forward(self, images):
+        return torch.ones(len(images), 64)
+
+
+def test_forgetting_deltas_are_finetuned_minus_pretrained(tmp_path):
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    task = ldifs.TASKS["synthetic"]
+    row = ldifs.forgetting_on(task, clip.visual, Constant(), clip, transform, args)
+    assert row["lp_pretrained"] > 0.9 and row["lp_finetuned"] < 0.5  # colour is easy even for random features
+    assert row["delta_lp"] == pytest.approx(row["lp_finetuned"] - row["lp_pretrained"]) and row["delta_lp"] < 0
+    assert row["delta_zs"] == pytest.approx(row["zs_finetuned"] - row["zs_pretrained"])
+    table = ldifs.forgetting_table({"synthetic": row})
+    assert f"{100 * row['delta_lp']:+.1f}" in table
+
+
+class Counting(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        return images.flatten(1)[:, :8] + 1
+
+
+def test_feature_cache_hits_misses_on_key_change_and_recomputes_corrupt_entries(tmp_path):
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    data = [(torch.full((3, 4, 4), float(i)), i % 2) for i in range(10)]
+    encoder = Counting()
+    key = {"model": "m", "pretrained": "p", "task": "t", "split": "train", "preprocess": "a"}
+    x1, y1 = ldifs.cached_features(encoder, data, key, args)
+    x2, y2 = ldifs.cached_features(encoder, data, key, args)
+    assert encoder.calls == 1 and torch.equal(x1, x2) and torch.equal(y1, y2)
+    for field in ("model", "pretrained", "task", "split", "preprocess"):
+        calls = encoder.calls
+        ldifs.cached_features(encoder, data, {**key, field: "other"}, args)
+        assert encoder.calls == calls + 1, field
+    for entry in (tmp_path / "cache").iterdir():
+        entry.write_bytes(entry.read_bytes()[:50])
+    calls = encoder.calls
+    x3, _ = ldifs.cached_features(encoder, data, key, args)
+    assert encoder.calls == calls + 1 and torch.equal(x3, x1)
+
+
+def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
+    args = tiny_args(tmp_path)
+    task = ldifs.TASKS["synthetic"]
+    key = ldifs.feature_key(args, task, "train", "T1")
+    assert key != ldifs.feature_key(args, task, "test", "T1") != ldifs.feature_key(args, task, "train", "T2")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"1")
+    args.pretrained = str(weights)
+    first = ldifs.feature_key(args, task, "train", "T1")
+    weights.write_bytes(b"22")
+    assert ldifs.feature_key(args, task, "train", "T1") != first
+
+
+# ------------------------------------------------------------------ benchmarks (opt-in)
+# LDIFS_BENCH=1 python -m pytest test_ldifs.py -k bench -s
+# They print figures for the README and assert nothing about time.
+
+bench = pytest.mark.skipif(not os.environ.get("LDIFS_BENCH"), reason="benchmark: set LDIFS_BENCH=1")
+
+
+@bench
+def test_bench_probe_against_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    (x, y), (vx, vy), (tx, ty) = (blobs(n, num_classes=10, dim=512, noise=8.0, seed=s)
+                                  for n, s in ((50000, 0), (5000, 1), (10000, 2)))
+    start = time.perf_counter()
+    ours = ldifs.linear_probe(x, y, tx, ty, val=(vx, vy))
+    middle = time.perf_counter()
+    fit = lambda c, a, b: sklearn.LogisticRegression(C=c, max_iter=1000).fit(a.numpy(), b.numpy())
+    best_c = max((0.01, 0.1, 1, 10, 100), key=lambda c: fit(c, x, y).score(vx.numpy(), vy.numpy()))
+    theirs = fit(best_c, torch.cat([x, vx]), torch.cat([y, vy])).score(tx.numpy(), ty.numpy())
+    end = time.perf_counter()
+    print(f"\nprobe, 50000x512, 10 classes: ours {100 * ours:.1f}% in {middle - start:.1f} s; "
+          f"scikit-learn (C={best_c}) {100 * theirs:.1f}% in {end - middle:.1f} s")
