@@ -22,8 +22,8 @@ import ldifs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ldifs.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
     p.add_argument("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
     p.add_argument("--wise-ft", default="", help="comma-separated WiSE-FT mixing weights alpha, e.g. 0.5")

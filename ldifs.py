@@ -34,12 +34,17 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from open_clip.pretrained import get_pretrained_cfg
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 
 class UserError(Exception):
     """A problem the user can fix; main prints it as one line, without a traceback."""
+
+
+class UsageError(UserError):
+    """A bad flag or argument: exit status 2, as argparse uses."""
 
 
 def one_line(error, limit=200):
@@ -585,71 +590,183 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def train(classifier, reference, train_data, args):
-    """Fine-tune `classifier` on `train_data` with CE + lam * D; return its metrics."""
+def train(classifier, reference, train_data, optimizer, init_weight, start_step, args):
+    """Fine-tune `classifier` with CE + lam * D from `start_step` to args.total_steps,
+    checkpointing every epoch and every --save-every steps; return throughput metrics."""
+    model = DistributedDataParallel(classifier) if args.world_size > 1 else classifier
     taps = record_taps(classifier.encoder, args.taps)
     ref_taps = record_taps(reference, args.taps) if args.lam > 0 else {}
-    loader = DataLoader(train_data, num_workers=args.workers, pin_memory=args.device.type == "cuda",
-                        batch_sampler=step_batches(len(train_data), args.batch_size, args.seed, 0,
-                                                   args.total_steps))
-    optimizer = make_optimizer(classifier.parameters(), args)
-    sums = torch.zeros(2, device=args.device)  # running CE and D, read only at log intervals
-    progress = tqdm(total=args.total_steps, desc=f"train {args.task}", unit="step", dynamic_ncols=True)
-    log = open(args.out / "log.jsonl", "a")
-    clock, since = Throughput(args.device, args.batch_size), 0
+    batches = step_batches(len(train_data), args.batch_size, args.seed, start_step, args.total_steps,
+                           args.rank, args.world_size)
+    loader = DataLoader(train_data, batch_sampler=batches, num_workers=args.workers,
+                        pin_memory=args.device.type == "cuda")
+    log = TrainLog(start_step, args)
     classifier.train()
-    for step, (images, labels) in enumerate(loader):
-        images = images.to(args.device, non_blocking=True)
-        labels = labels.to(args.device, non_blocking=True)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup, args.total_steps)
-        with autocast(args.device):
-            ce, distance = ldifs_loss(classifier, reference, taps, ref_taps, images, labels, args.lam)
-        optimizer.zero_grad(set_to_none=True)
-        (ce + args.lam * distance).backward()
-        torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
-        optimizer.step()
-        sums += torch.stack([ce.detach(), distance.detach()])
-        clock.tick(step)
-        since += 1
-        progress.update()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.total_steps:
-            ce_mean, d_mean = (sums / since).tolist()
-            record = {"step": step + 1, "lr": group["lr"], "loss/ce": ce_mean,
-                      "loss/ldifs": args.lam * d_mean, "ldifs_distance": d_mean,
-                      "images_per_second": clock.rate()}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            progress.set_postfix(ce=f"{ce_mean:.3f}", ldifs=f"{args.lam * d_mean:.4f}",
-                                 img_s=f"{clock.rate():.1f}")
-            sums.zero_()
-            since = 0
-    progress.close()
-    log.close()
-    return {"steps": args.total_steps, "train_images_per_second": clock.rate()}
+    with contextlib.closing(log):
+        for step, (images, labels) in enumerate(loader, start_step):
+            images = images.to(args.device, non_blocking=True)
+            labels = labels.to(args.device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args.lr, args.warmup, args.total_steps)
+            with autocast(args.device):
+                ce, distance = ldifs_loss(model, reference, taps, ref_taps, images, labels, args.lam)
+            optimizer.zero_grad(set_to_none=True)
+            (ce + args.lam * distance).backward()
+            torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
+            optimizer.step()
+            log.record(step, ce, distance, group["lr"])
+            if is_checkpoint_step(step + 1, len(train_data), args):
+                log.check_finite(classifier)
+                save_checkpoint(classifier, optimizer, init_weight, step + 1, args)
+    rate = log.images_per_second()
+    return {"steps": args.total_steps, "train_images_per_second": None if math.isnan(rate) else rate}
 
 
-class Throughput:
-    """Images per second from the end of step 2 on, so start-up costs are excluded."""
+class TrainLog:
+    """The loss parts, lr and throughput every --log-every steps, to log.jsonl and the
+    progress bar. Losses stay on the device between log lines: no host sync per step."""
 
-    def __init__(self, device, batch_size):
-        self.device, self.batch_size = device, batch_size
-        self.start, self.steps, self.elapsed = None, 0, 0.0
+    def __init__(self, start_step, args):
+        self.args, self.first = args, start_step
+        self.sums = torch.zeros(2, device=args.device)  # CE and D since the last log line
+        self.bad_step = torch.tensor(-1, device=args.device)  # first step whose loss was not finite
+        self.since, self.clock = 0, None
+        main = args.rank == 0
+        self.file = open(args.out / "log.jsonl", "a") if main else None
+        self.bar = tqdm(total=args.total_steps, initial=start_step, desc=f"train {args.task}",
+                        unit="step", dynamic_ncols=True, disable=not main)
 
-    def tick(self, step):
-        if step == 1:
-            self.start = self.now()
-        elif step > 1 and self.start is not None:
-            self.steps = step - 1
-            self.elapsed = self.now() - self.start
+    def record(self, step, ce, distance, lr):
+        loss = ce.detach() + self.args.lam * distance.detach()
+        self.bad_step = torch.where((self.bad_step < 0) & ~loss.isfinite(), step, self.bad_step)
+        self.sums += torch.stack([ce.detach(), distance.detach()])
+        self.since += 1
+        self.bar.update()
+        if step == self.first + 1:  # steady state starts after two steps
+            self.clock = (step, sync_time(self.args.device))
+        if (step + 1) % self.args.log_every == 0 or step + 1 == self.args.total_steps:
+            self.write(step + 1, lr)
 
-    def now(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    def write(self, step, lr):
+        sums = all_reduce_mean(self.sums)  # a NaN on any rank makes it NaN on every rank
+        if not sums.isfinite().all():
+            bad = int(self.bad_step) if self.bad_step >= 0 else step - 1
+            raise NonFiniteLoss(f"the loss was not finite at step {bad}; " + last_good(self.args))
+        ce, d = (sums / self.since).tolist()
+        lam = self.args.lam
+        record = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d,
+                  "images_per_second": self.images_per_second(step - 1)}
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.bar.set_postfix(ce=f"{ce:.3f}", ldifs=f"{lam * d:.4f}", img_s=f"{record['images_per_second']:.1f}")
+        self.sums.zero_()
+        self.since = 0
 
-    def rate(self):
-        return self.steps * self.batch_size / self.elapsed if self.elapsed else float("nan")
+    def check_finite(self, model):
+        """Stop before a non-finite loss or weight can reach a checkpoint."""
+        if self.bad_step >= 0:
+            raise NonFiniteLoss(f"the loss was not finite at step {int(self.bad_step)}; " + last_good(self.args))
+        if not all(p.isfinite().all() for p in model.parameters()):
+            raise NonFiniteLoss("the weights became non-finite; " + last_good(self.args))
+
+    def images_per_second(self, step=None):
+        if self.clock is None:
+            return float("nan")
+        start_step, start_time = self.clock
+        step = self.args.total_steps - 1 if step is None else step
+        elapsed = sync_time(self.args.device) - start_time
+        return (step - start_step) * self.args.batch_size / elapsed if step > start_step else float("nan")
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def last_good(args):
+    path = args.out / "checkpoint.pt"
+    if not path.exists():
+        return "no checkpoint was written; try a lower --lr"
+    return f"the last good checkpoint {path} is intact; try a lower --lr"
+
+
+def sync_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def all_reduce_mean(tensor):
+    if not torch.distributed.is_initialized():
+        return tensor
+    tensor = tensor.clone()
+    torch.distributed.all_reduce(tensor)
+    return tensor / torch.distributed.get_world_size()
+
+
+# ----------------------------------------------------------------- checkpoints and resume
+
+RUN_CONFIG = ("task", "lam", "model", "pretrained", "head", "seed", "batch_size", "lr", "wd", "warmup",
+              "grad_clip", "epochs", "total_steps")  # what a resumed run must share with its checkpoint
+
+
+def is_checkpoint_step(step, n, args):
+    epoch_end = step % (n // args.batch_size) == 0
+    return epoch_end or step == args.total_steps or (args.save_every and step % args.save_every == 0)
+
+
+def save_checkpoint(classifier, optimizer, init_weight, step, args):
+    """Everything a bitwise-identical resume needs, as state dicts and plain values only."""
+    if args.rank != 0:
+        return
+    atomic_save({"model": classifier.state_dict(), "optimizer": optimizer.state_dict(),
+                 "init_head": init_weight, "step": step, "config": {k: getattr(args, k) for k in RUN_CONFIG},
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}},
+                args.out / "checkpoint.pt")
+
+
+def load_checkpoint(args):
+    """The checkpoint in --out for --resume, after checking it belongs to this run."""
+    path = args.out / "checkpoint.pt"
+    if not path.exists():
+        raise UsageError(f"--resume: no checkpoint.pt in {args.out}; run without --resume to start")
+    try:
+        checkpoint = torch.load(path, map_location=args.device, weights_only=True)
+        config = checkpoint["config"]
+    except Exception as e:  # truncated, corrupt or not ours
+        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}; delete it to start over") from e
+    flag = lambda k: "total steps (from --epochs, --max-steps)" if k == "total_steps" else "--" + k.replace("_", "-")
+    changed = [f"{flag(k)} {getattr(args, k)} (checkpoint: {config.get(k)})"
+               for k in RUN_CONFIG if config.get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
+    return checkpoint
+
+
+def refuse_to_overwrite(args):
+    if (args.out / "checkpoint.pt").exists():
+        raise UsageError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def restore(checkpoint, classifier, optimizer, args):
+    """Load a checkpoint into the model and optimizer, restore the RNG, and drop the log
+    lines written after it (the resumed run writes them again)."""
+    classifier.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
+    log = args.out / "log.jsonl"
+    if log.exists() and args.rank == 0:
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= checkpoint["step"]]
+        log.write_text("".join(line + "\n" for line in kept))
+    return checkpoint["step"], checkpoint["init_head"]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -800,9 +917,14 @@ CACHE_DIR = os.environ.get("LDIFS_CACHE", "~/.cache/ldifs")
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block; exit 2 as argparse does
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="eurosat", help="task to fine-tune on: " + ", ".join(TASKS))
     p.add_argument("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0 is plain fine-tuning")
     p.add_argument("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32; ldifs-tiny for synthetic]")
@@ -827,6 +949,9 @@ def parse_args(argv=None):
                    help="data-loading worker processes")
     p.add_argument("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--save-every", type=int, default=1000,
+                   help="steps between checkpoints, besides one at the end of every epoch; 0: epochs only")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download data; fail if it is missing")
     p.add_argument("--eval-tasks", help="comma-separated tasks to measure forgetting on, or 'none' "
@@ -871,18 +996,26 @@ def resolve_args(args):
     for key, value in {**RELEASE_RECIPE, **task.recipe}.items():
         if getattr(args, key, None) is None and key != "eval_tasks":
             setattr(args, key, value)
-    args.epochs = args.epochs or task.epochs
+    args.epochs = task.epochs if args.epochs is None else args.epochs
     if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
         args.pretrained = os.path.abspath(args.pretrained)
     args.eval_tasks = parse_eval_tasks(args.eval_tasks or task.recipe.get("eval_tasks", DEFAULT_EVAL_TASKS),
                                        args.task)
     args.out = args.out or Path("runs") / f"{args.task}-lam{args.lam:g}"
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_args(args)
     return task
 
 
-class UsageError(UserError):
-    pass
+def check_args(args):
+    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--log-every": args.log_every,
+                "--eval-batch-size": args.eval_batch_size, "--max-steps": args.max_steps or 1}
+    problems = [f"{flag} must be positive, got {value}" for flag, value in positive.items() if value <= 0]
+    problems += [f"{flag} must be >= 0, got {value}" for flag, value in
+                 {"--lam": args.lam, "--lr": args.lr, "--wd": args.wd, "--warmup": args.warmup,
+                  "--workers": args.workers, "--save-every": args.save_every}.items() if value < 0]
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 def save_outputs(clip, classifier, classnames, init_weight, metrics, args):
@@ -902,14 +1035,14 @@ def save_outputs(clip, classifier, classnames, init_weight, metrics, args):
 
 
 def write_json(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
 def atomic_save(obj, path):
     """torch.save that never leaves a half-written file: a killed run keeps the old one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -920,38 +1053,68 @@ def initial_head(clip, encoder, task, classnames, transform, args):
     return probe_head(encoder, task, len(classnames), transform, args)
 
 
+def setup_distributed(args):
+    """Under torchrun (RANK is set): join the process group, NCCL on GPUs, gloo on CPUs."""
+    args.rank, args.world_size = 0, 1
+    if "RANK" not in os.environ:
+        return
+    cuda = args.device.type == "cuda"
+    if cuda:
+        args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    args.rank, args.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if args.batch_size % args.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} (the global batch) must divide by the "
+                         f"{args.world_size} processes")
+
+
 def run(args):
     task = resolve_args(args)
+    setup_distributed(args)
+    if not args.resume:
+        refuse_to_overwrite(args)
     torch.manual_seed(args.seed)
     train_images = get_dataset(task, "train", args.data_root, download=args.download)
     test_data = get_dataset(task, "test", args.data_root, download=args.download)
-    clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if len(train_images) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(train_images)} training images")
     steps = args.epochs * (len(train_images) // args.batch_size)
     args.total_steps = min(steps, args.max_steps or steps)
+    checkpoint = load_checkpoint(args) if args.resume else None
+    clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
     encoder = clip.visual
     args.taps = default_tap_names(encoder)
     reference = frozen_copy(encoder)
     classnames = class_names(task, args.data_root)
-    head = initial_head(clip, encoder, task, classnames, eval_transform, args)
-    init_weight = head.weight.detach().clone()
+    head = (nn.Linear(encoder.output_dim, len(classnames), bias=False).to(args.device) if checkpoint
+            else initial_head(clip, encoder, task, classnames, eval_transform, args))
     classifier = ImageClassifier(encoder, head)
+    optimizer = make_optimizer(classifier.parameters(), args)
+    start_step, init_weight = (restore(checkpoint, classifier, optimizer, args) if checkpoint
+                               else (0, head.weight.detach().clone()))
     start = time.perf_counter()
-    metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), args)
-    metrics.update(task=args.task, lam=args.lam, model=args.model, pretrained=args.pretrained,
-                   head=args.head, epochs=args.epochs, seed=args.seed, eval_tasks=args.eval_tasks,
-                   train_seconds=time.perf_counter() - start)
+    metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), optimizer,
+                    init_weight, start_step, args)
+    if args.rank == 0:
+        metrics.update(train_seconds=time.perf_counter() - start, **{k: getattr(args, k) for k in RUN_CONFIG},
+                       eval_tasks=args.eval_tasks, world_size=args.world_size)
+        report(clip, classifier, reference, classnames, init_weight, test_data, eval_transform, metrics, args)
+
+
+def report(clip, classifier, reference, classnames, init_weight, test_data, transform, metrics, args):
+    """Save the outputs, then evaluate: target accuracy and the forgetting table."""
     save_outputs(clip, classifier, classnames, init_weight, metrics, args)  # before evaluating: nothing lost
-    test_x, test_y = extract_features(encoder, Transformed(test_data, eval_transform), args)
+    test_x, test_y = extract_features(classifier.encoder, Transformed(test_data, transform), args)
     metrics["test_accuracy"] = probe_accuracy(classifier.head.weight, test_x, test_y)
     print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
-          f"({metrics['train_images_per_second']:.1f} images/s); outputs in {args.out}")
+          f"({metrics['train_images_per_second'] or float('nan'):.1f} images/s); outputs in {args.out}")
     if args.eval_tasks:
-        metrics["forgetting"] = evaluate_forgetting(reference, encoder, clip, eval_transform, args)
+        metrics["forgetting"] = evaluate_forgetting(reference, classifier.encoder, clip, transform, args)
         print(f"\nConcept forgetting after fine-tuning on {args.task} (lam {args.lam:g}), accuracy in %:\n")
         print(forgetting_table(metrics["forgetting"]))
     write_json(metrics, args.out / "metrics.json")
-    return metrics
 
 
 def main(argv=None):
@@ -964,6 +1127,9 @@ def main(argv=None):
     except UserError as e:
         print(f"ldifs.py: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checks of ldifs.py on a tiny CLIP and synthetic images: offline, about a minute on 2 CPU cores."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,13 @@ def tiny_setup(tmp_path, *flags, steps=8):
     classifier = ldifs.ImageClassifier(clip.visual, head)
     data = ldifs.Augmented(ldifs.get_dataset("synthetic", "train", args.data_root), train_tf, args.seed)
     return args, classifier, reference, data
+
+
+def fit(args, classifier, reference, data):
+    """ldifs.train from step 0 with a fresh optimizer, in this process."""
+    args.rank, args.world_size = 0, 1
+    optimizer = ldifs.make_optimizer(classifier.parameters(), args)
+    return ldifs.train(classifier, reference, data, optimizer, classifier.head.weight.detach().clone(), 0, args)
 
 
 def read_log(args):
@@ -117,7 +125,7 @@ def test_reference_is_frozen_and_unchanged_by_training(tmp_path):
     args, classifier, reference, data = tiny_setup(tmp_path, steps=3)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
-    ldifs.train(classifier, reference, data, args)
+    fit(args, classifier, reference, data)
     assert not any(p.requires_grad for p in reference.parameters())
     assert all(p.grad is None for p in reference.parameters())
     assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
@@ -133,14 +141,14 @@ def count_forwards(module):
 def test_one_trainable_pass_per_step_and_one_reference_pass(tmp_path):
     args, classifier, reference, data = tiny_setup(tmp_path, steps=4)
     trainable, frozen = count_forwards(classifier.encoder), count_forwards(reference)
-    ldifs.train(classifier, reference, data, args)
+    fit(args, classifier, reference, data)
     assert len(trainable) == 4 and len(frozen) == 4
 
 
 def test_lam_zero_never_runs_the_reference(tmp_path):
     args, classifier, reference, data = tiny_setup(tmp_path, "--lam", "0", steps=4)
     frozen = count_forwards(reference)
-    ldifs.train(classifier, reference, data, args)
+    fit(args, classifier, reference, data)
     assert frozen == []
     assert all(r["loss/ldifs"] == 0 for r in read_log(args))
 
@@ -149,7 +157,7 @@ def test_lam_zero_never_runs_the_reference(tmp_path):
 
 def test_ce_falls_on_synthetic(tmp_path):
     args, classifier, reference, data = tiny_setup(tmp_path, "--lam", "0", steps=12)
-    ldifs.train(classifier, reference, data, args)
+    fit(args, classifier, reference, data)
     ce = [r["loss/ce"] for r in read_log(args)]
     assert sum(ce[-3:]) / 3 < 0.5 * sum(ce[:3]) / 3
 
@@ -167,7 +175,7 @@ def test_ldifs_term_is_zero_at_step_zero(tmp_path):
 
 def final_drift(tmp_path, lam):
     args, classifier, reference, data = tiny_setup(tmp_path, "--lam", str(lam), steps=15)
-    ldifs.train(classifier, reference, data, args)
+    fit(args, classifier, reference, data)
     images = torch.stack([data[i][0] for i in range(32)])
     taps = ldifs.record_taps(classifier.encoder, args.taps)
     ref_taps = ldifs.record_taps(reference, args.taps)
@@ -197,6 +205,18 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 # ------------------------------------------------------------------ the command line
+
+def run_main(module, argv, capsys):
+    """The CLI's main() in this process (no 4 s import): (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        module.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
 
 def run_cli(*flags, script="ldifs.py"):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -272,19 +292,32 @@ def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "not a run directory" in result.stderr
 
 
+def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
+    root, _ = two_runs
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("open_clip_pytorch_model.bin", "head.pt"):
+        (other / name).write_bytes((root / "lam0" / name).read_bytes())
+    metrics = json.loads((root / "lam0/metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**metrics, "model": "ViT-S-32"}))
+    code, _, err = run_main(evaluation, [str(root / "lam0"), str(other)], capsys)
+    assert code == 2 and "different models" in err
+
+
 def test_wise_ft_interpolates_weights():
     a, b = {"w": torch.zeros(3)}, {"w": torch.ones(3) * 4}
     assert torch.equal(evaluation.wise_ft(a, b, 0.25)["w"], torch.ones(3))
     assert torch.equal(evaluation.wise_ft(a, b, 0.0)["w"], a["w"])
 
 
-def test_missing_eval_data_is_skipped_not_fatal(tmp_path):
-    result = run_cli("--task", "synthetic", "--max-steps", "3", "--workers", "0", "--out", str(tmp_path / "o"),
-                     "--eval-tasks", "dtd,synthetic-stripes", "--no-download", "--data-root", str(tmp_path),
-                     "--cache-dir", str(tmp_path / "cache"))
-    assert result.returncode == 0, result.stderr
-    assert "warning: skipping eval task dtd" in result.stderr and "Traceback" not in result.stderr
-    assert "| dtd | skipped" in result.stdout
+def test_missing_eval_data_is_skipped_not_fatal(tmp_path, capsys):
+    code, out, err = run_main(ldifs, [
+        "--task", "synthetic", "--head", "zs", "--max-steps", "3", "--workers", "0", "--out", str(tmp_path / "o"),
+        "--eval-tasks", "dtd,synthetic-stripes", "--no-download", "--data-root", str(tmp_path),
+        "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    assert "warning: skipping eval task dtd" in err
+    assert "| dtd | skipped" in out
     forgetting = json.loads((tmp_path / "o/metrics.json").read_text())["forgetting"]
     assert "skipped" in forgetting["dtd"] and "delta_lp" in forgetting["synthetic-stripes"]
 
@@ -295,15 +328,22 @@ def test_openai_weights_are_built_with_quick_gelu():
     assert not ldifs.needs_quick_gelu("ViT-B-32", None)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--task", "eurosat", "--data-root", "{tmp}", "--no-download"], "eurosat"),
-    (["--task", "synthetic", "--model", "ViT-B-32", "--pretrained", "openai"], "could not download"),
-    (["--task", "synthetic", "--model", "ViT-Nope"], "unknown model"),
-    (["--task", "nope"], "unknown task"),
+@pytest.mark.parametrize("flags, message, code", [
+    (["--task", "eurosat", "--data-root", "{tmp}", "--no-download"], "eurosat", 1),
+    (["--task", "eurosat", "--data-root", "{tmp}"], "could not be downloaded", 1),
+    (["--task", "synthetic", "--model", "ViT-B-32", "--pretrained", "openai"], "could not download", 1),
+    (["--task", "synthetic", "--model", "ViT-Nope"], "unknown model", 2),
+    (["--task", "synthetic", "--model", "ViT-B-32", "--pretrained", "nope"], "neither a tag", 2),
+    (["--task", "synthetic", "--pretrained", "{tmp}/garbage.bin"], "could not read checkpoint", 1),
+    (["--task", "nope"], "unknown task", 2),
+    (["--task", "synthetic", "--lam", "-1", "--batch-size", "0", "--epochs", "0"],
+     "--batch-size must be positive, got 0; --epochs must be positive, got 0; --lam must be >= 0", 2),
+    (["--task", "synthetic", "--lam", "ten"], "invalid float value", 2),
 ])
-def test_bad_input_is_one_line_without_traceback(tmp_path, flags, message):
+def test_bad_input_is_one_line_without_traceback(tmp_path, flags, message, code):
+    (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint")
     result = run_cli(*[f.format(tmp=tmp_path) for f in flags], "--out", str(tmp_path / "out"))
-    assert result.returncode in (1, 2)
+    assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -466,17 +506,16 @@ def test_missing_data_is_one_line_naming_the_folder(tmp_path):
         ldifs.get_dataset("dtd", "train", tmp_path, download=False)
     message = str(e.value)
     assert "\n" not in message and str(tmp_path / "dtd") in message and "'dtd'" in message
-    result = run_cli("--task", "imagenet", "--data-root", str(tmp_path), "--no-download")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and str(tmp_path / "imagenet") in result.stderr
+    with pytest.raises(ldifs.DataMissing, match="image-net.org"):
+        ldifs.get_dataset("imagenet", "test", tmp_path, download=False)
 
 
-def test_list_tasks_shows_every_task():
-    result = run_cli("--list-tasks", "--data-root", "/data")
-    assert result.returncode == 0
-    listed = {line.split()[0] for line in result.stdout.splitlines()[1:]}
+def test_list_tasks_shows_every_task(capsys):
+    code, out, _ = run_main(ldifs, ["--list-tasks", "--data-root", "/data"], capsys)
+    assert code == 0
+    listed = {line.split()[0] for line in out.splitlines()[1:]}
     assert listed == set(ldifs.TASKS)
-    assert "/data/eurosat/2750" in result.stdout
+    assert "/data/eurosat/2750" in out
 
 
 # ------------------------------------------------------------------ evaluation
@@ -598,3 +637,86 @@ def test_bench_probe_against_scikit_learn():
     end = time.perf_counter()
     print(f"\nprobe, 50000x512, 10 classes: ours {100 * ours:.1f}% in {middle - start:.1f} s; "
           f"scikit-learn (C={best_c}) {100 * theirs:.1f}% in {end - middle:.1f} s")
+
+
+# ------------------------------------------------------------------ runs that survive
+
+RESUME_FLAGS = ["--task", "synthetic", "--head", "zs", "--max-steps", "16", "--save-every", "2",
+                "--eval-tasks", "none"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
+    unbroken = run_cli(*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(HERE / "ldifs.py"), *RESUME_FLAGS, "--workers", "2", "--out", str(killed)]
+    process = subprocess.Popen(command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    assert 2 <= step < 16
+    resumed = run_cli(*RESUME_FLAGS, "--workers", "2", "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("open_clip_pytorch_model.bin", "head.pt"):
+        a = torch.load(tmp_path / "unbroken" / name, weights_only=True)
+        b = torch.load(killed / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor)), name
+    steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # no duplicated log lines after the resume
+
+
+def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
+    flags = RESUME_FLAGS + ["--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
+    code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
+    assert code == 2 and f"no checkpoint.pt in {tmp_path / 'run'}" in err
+    assert run_main(ldifs, flags, capsys)[0] == 0
+    before = (tmp_path / "run/checkpoint.pt").read_bytes()
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "run/checkpoint.pt").read_bytes() == before
+    code, _, err = run_main(ldifs, flags + ["--lam", "0", "--resume"], capsys)
+    assert code == 2 and "--lam 0.0 (checkpoint: 10.0)" in err
+    (tmp_path / "run/checkpoint.pt").write_bytes(before[:100])
+    code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
+    assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    args, classifier, reference, data = tiny_setup(tmp_path, steps=6)
+    args.save_every = 2
+    forwards = []
+
+    def poison(module, inputs, output):  # the 5th step (index 4) yields a NaN loss
+        forwards.append(1)
+        return output * float("nan") if len(forwards) == 5 else output
+
+    classifier.head.register_forward_hook(poison)
+    with pytest.raises(ldifs.NonFiniteLoss, match="step 4") as error:
+        fit(args, classifier, reference, data)
+    assert "intact" in str(error.value)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 4
+    assert all(v.isfinite().all() for v in checkpoint["model"].values())
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    flags = ["--task", "synthetic", "--head", "zs", "--max-steps", "6", "--log-every", "1", "--batch-size", "16",
+             "--eval-tasks", "none", "--workers", "0"]
+    single = run_cli(*flags, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(HERE / "ldifs.py"), *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, cwd=HERE)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    for key in ("loss/ce", "loss/ldifs"):
+        assert torch.allclose(torch.tensor([r[key] for r in one]), torch.tensor([r[key] for r in two]),
+                              rtol=1e-4, atol=1e-7), key
+    assert json.loads((tmp_path / "two/metrics.json").read_text())["world_size"] == 2
