@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -619,7 +620,16 @@ def train(classifier, reference, train_data, optimizer, init_weight, start_step,
                 log.check_finite(classifier)
                 save_checkpoint(classifier, optimizer, init_weight, step + 1, args)
     rate = log.images_per_second()
-    return {"steps": args.total_steps, "train_images_per_second": None if math.isnan(rate) else rate}
+    return {"steps": args.total_steps, "train_images_per_second": None if math.isnan(rate) else rate,
+            "peak_memory_mb": peak_memory_mb(args.device)}
+
+
+def peak_memory_mb(device):
+    """CUDA's peak allocated memory, or on the CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10  # macOS reports bytes
 
 
 class TrainLog:
@@ -1072,6 +1082,7 @@ def setup_distributed(args):
 def run(args):
     task = resolve_args(args)
     setup_distributed(args)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers of bf16
     if not args.resume:
         refuse_to_overwrite(args)
     torch.manual_seed(args.seed)

@@ -720,3 +720,41 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         assert torch.allclose(torch.tensor([r[key] for r in one]), torch.tensor([r[key] for r in two]),
                               rtol=1e-4, atol=1e-7), key
     assert json.loads((tmp_path / "two/metrics.json").read_text())["world_size"] == 2
+
+
+def bare_loop_images_per_second(model, batch_size, steps=12):
+    """Forward, backward and AdamW step of the open_clip visual tower and a linear head on
+    one in-memory batch: the floor that ldifs.py's lam-0 loop is compared against."""
+    clip, _, _ = ldifs.load_clip(model, "none")
+    classifier = ldifs.ImageClassifier(clip.visual, torch.nn.Linear(clip.visual.output_dim, 6, bias=False))
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-5, weight_decay=0.1)
+    size = clip.visual.image_size
+    images, labels = torch.randn(batch_size, 3, *size), torch.randint(6, (batch_size,))
+    for step in range(steps):
+        if step == 2:
+            start = time.perf_counter()
+        loss = F.cross_entropy(classifier(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (steps - 2) * batch_size / (time.perf_counter() - start)
+
+
+@bench
+def test_bench_ldifs_overhead_loop_efficiency_and_memory(tmp_path):
+    flags = ["--task", "synthetic", "--model", "ViT-S-32", "--pretrained", "none", "--head", "zs",
+             "--batch-size", "16", "--max-steps", "12", "--eval-tasks", "none", "--workers", "1"]
+    runs = {"0": [], "10": []}
+    for repeat in range(3):  # alternate, so drifts in machine load hit both alike
+        for lam in runs:
+            out = tmp_path / f"lam{lam}-{repeat}"
+            assert run_cli(*flags, "--lam", lam, "--out", str(out)).returncode == 0
+            runs[lam].append(json.loads((out / "metrics.json").read_text()))
+    bare = bare_loop_images_per_second("ViT-S-32", 16)
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    ft, ldifs_rate = (median([m["train_images_per_second"] for m in runs[lam]]) for lam in ("0", "10"))
+    memory = [m["peak_memory_mb"] for m in runs["10"]][0] / [m["peak_memory_mb"] for m in runs["0"]][0]
+    print(f"\nFT {ft:.1f} images/s, LDIFS {ldifs_rate:.1f} images/s, LDIFS/FT {ldifs_rate / ft:.2f} "
+          f"(each the median of 3); bare loop {bare:.1f} images/s, FT/bare {ft / bare:.2f}; "
+          f"peak memory LDIFS/FT {memory:.2f} ({runs['10'][0]['peak_memory_mb']:.0f} / "
+          f"{runs['0'][0]['peak_memory_mb']:.0f} MB)")
