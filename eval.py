@@ -38,9 +38,13 @@ def parse_args(argv=None):
 
 
 def load_run(path):
-    """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run."""
+    """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run.
+    A continual run's folder stands for its last stage."""
     if not (path / "metrics.json").is_file():
         raise ldifs.UsageError(f"{path} is not a run directory of ldifs.py (no metrics.json)")
+    summary = json.loads((path / "metrics.json").read_text())
+    if "accuracy_matrix" in summary:
+        path = path / f"{len(summary['tasks']) - 1}-{summary['tasks'][-1]}"
     try:
         return {"path": path, "metrics": json.loads((path / "metrics.json").read_text()),
                 "weights": torch.load(path / "open_clip_pytorch_model.bin", map_location="cpu", weights_only=True),
@@ -59,9 +63,17 @@ def check_same_start(runs):
 
 
 def method_label(metrics):
-    """FT or LDIFS, as the paper names them, and the head init when it is not LP-init."""
-    method = "FT" if metrics["lam"] == 0 else f"LDIFS (lam {metrics['lam']:g})"
-    return method + (", ZS-init" if metrics.get("head") == "zs" else "")
+    """FT, LDIFS or L2-SP, as the paper names them; the head init when it is not LP-init;
+    and, for a stage of a continual run, the sequence up to it."""
+    lam, alpha = metrics["lam"], metrics.get("l2sp", 0)
+    methods = ([f"LDIFS (lam {lam:g})"] if lam else []) + ([f"L2-SP (alpha {alpha:g})"] if alpha else [])
+    label = " + ".join(methods) or "FT"
+    if metrics.get("head") == "zs":
+        label += ", ZS-init"
+    sequence = metrics.get("sequence") or []
+    if len(sequence) > 1:
+        label += f", continual {' > '.join(sequence[:metrics['stage'] + 1])}"
+    return label
 
 
 def visual_weights(clip_state_dict):
@@ -124,8 +136,8 @@ def rows_for_run(run, pre_visual, template, transform, tasks, alphas, args):
 def add_deltas(rows, baseline):
     for row in rows:
         row["delta_lp"] = {t: row["a_lp"][t] - baseline[t] for t in baseline}
-        row["avg_a_lp"] = sum(row["a_lp"].values()) / max(1, len(row["a_lp"]))
-        row["avg_delta_lp"] = sum(row["delta_lp"].values()) / max(1, len(row["delta_lp"]))
+        mean = lambda values: sum(values) / len(values) if values else None
+        row["avg_a_lp"], row["avg_delta_lp"] = mean(list(row["a_lp"].values())), mean(list(row["delta_lp"].values()))
 
 
 def markdown(rows, tasks):

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -429,15 +430,19 @@ def ldifs_distance(taps, ref_taps, eps=1e-10):
     return torch.stack(per_tap).mean(0).mean()
 
 
-def record_taps(model, names):
-    """Make `model` store the outputs of its submodules `names` on every forward
-    pass, in the returned dict (name -> tensor, in the order of `names`). Hooks read
-    the activations from the one forward pass that also gives the logits."""
+@contextlib.contextmanager
+def recorded_taps(model, names):
+    """Within the block, every forward pass of `model` stores the outputs of its
+    submodules `names` in the yielded dict (name -> tensor, in the order of `names`).
+    Hooks read the activations from the same pass that gives the logits."""
     taps = dict.fromkeys(names)
-    for name in names:
-        model.get_submodule(name).register_forward_hook(
-            lambda module, inputs, output, name=name: taps.__setitem__(name, output))
-    return taps
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output, name=name: taps.__setitem__(name, output)) for name in names]
+    try:
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def default_tap_names(encoder):
@@ -453,8 +458,8 @@ def default_tap_names(encoder):
 
 
 def frozen_copy(module):
-    """A deep copy that never trains: eval mode, no gradients. Take it before any
-    hooks are added: deepcopy shares hook closures, which would mix the two models' taps."""
+    """A deep copy that never trains: eval mode, no gradients. Take it outside
+    `recorded_taps`: deepcopy shares hook closures, which would mix the two models' taps."""
     reference = copy.deepcopy(module).eval()
     reference.requires_grad_(False)
     return reference
@@ -513,10 +518,11 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device):
     return head
 
 
-def probe_head(encoder, task, num_classes, transform, args):
-    """LP-init: a logistic-regression probe fit on frozen pre-trained features, its L2
-    strength chosen on the val split, then refit on train + val, as the release does."""
-    f = task_features(encoder, task, transform, args, cache=True)
+def probe_head(encoder, task, num_classes, transform, args, cache=True):
+    """LP-init: a logistic-regression probe fit on the frozen encoder's features, its L2
+    strength chosen on the val split, then refit on train + val, as the release does.
+    `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
+    f = task_features(encoder, task, transform, args, cache=cache)
     weight = select_probe(*f["train"], *f["val"], num_classes)
     head = nn.Linear(weight.shape[1], num_classes, bias=False).to(args.device)
     head.weight.data.copy_(weight)
@@ -579,6 +585,11 @@ def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam):
     return ce, ldifs_distance(list(taps.values()), list(ref_taps.values()))
 
 
+def l2sp_penalty(encoder, reference):
+    """The L2-SP baseline's sum ||w - w0||^2 over the encoder's weights, w0 the reference's."""
+    return sum((w - w0).pow(2).sum() for w, w0 in zip(encoder.parameters(), reference.parameters()))
+
+
 def make_optimizer(params, args):
     fused = args.device.type == "cuda"  # one kernel for the whole AdamW update
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd, fused=fused)
@@ -592,18 +603,18 @@ def autocast(device):
 
 
 def train(classifier, reference, train_data, optimizer, init_weight, start_step, args):
-    """Fine-tune `classifier` with CE + lam * D from `start_step` to args.total_steps,
-    checkpointing every epoch and every --save-every steps; return throughput metrics."""
+    """Fine-tune `classifier` with CE + lam * D (+ the L2-SP term) from `start_step` to
+    args.total_steps, checkpointing every epoch and every --save-every steps; return
+    throughput metrics."""
     model = DistributedDataParallel(classifier) if args.world_size > 1 else classifier
-    taps = record_taps(classifier.encoder, args.taps)
-    ref_taps = record_taps(reference, args.taps) if args.lam > 0 else {}
     batches = step_batches(len(train_data), args.batch_size, args.seed, start_step, args.total_steps,
                            args.rank, args.world_size)
     loader = DataLoader(train_data, batch_sampler=batches, num_workers=args.workers,
                         pin_memory=args.device.type == "cuda")
     log = TrainLog(start_step, args)
     classifier.train()
-    with contextlib.closing(log):
+    with (recorded_taps(classifier.encoder, args.taps) as taps,
+          recorded_taps(reference, args.taps if args.lam > 0 else []) as ref_taps, contextlib.closing(log)):
         for step, (images, labels) in enumerate(loader, start_step):
             images = images.to(args.device, non_blocking=True)
             labels = labels.to(args.device, non_blocking=True)
@@ -611,11 +622,12 @@ def train(classifier, reference, train_data, optimizer, init_weight, start_step,
                 group["lr"] = lr_at(step, args.lr, args.warmup, args.total_steps)
             with autocast(args.device):
                 ce, distance = ldifs_loss(model, reference, taps, ref_taps, images, labels, args.lam)
+            penalty = l2sp_penalty(classifier.encoder, reference) if args.l2sp else torch.zeros_like(ce)
             optimizer.zero_grad(set_to_none=True)
-            (ce + args.lam * distance).backward()
+            (ce + args.lam * distance + args.l2sp * penalty).backward()
             torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
             optimizer.step()
-            log.record(step, ce, distance, group["lr"])
+            log.record(step, ce, distance, penalty, group["lr"])
             if is_checkpoint_step(step + 1, len(train_data), args):
                 log.check_finite(classifier)
                 save_checkpoint(classifier, optimizer, init_weight, step + 1, args)
@@ -638,7 +650,7 @@ class TrainLog:
 
     def __init__(self, start_step, args):
         self.args, self.first = args, start_step
-        self.sums = torch.zeros(2, device=args.device)  # CE and D since the last log line
+        self.sums = torch.zeros(3, device=args.device)  # CE, D and the L2-SP sum since the last log line
         self.bad_step = torch.tensor(-1, device=args.device)  # first step whose loss was not finite
         self.since, self.clock = 0, None
         main = args.rank == 0
@@ -646,10 +658,10 @@ class TrainLog:
         self.bar = tqdm(total=args.total_steps, initial=start_step, desc=f"train {args.task}",
                         unit="step", dynamic_ncols=True, disable=not main)
 
-    def record(self, step, ce, distance, lr):
-        loss = ce.detach() + self.args.lam * distance.detach()
-        self.bad_step = torch.where((self.bad_step < 0) & ~loss.isfinite(), step, self.bad_step)
-        self.sums += torch.stack([ce.detach(), distance.detach()])
+    def record(self, step, ce, distance, penalty, lr):
+        parts = torch.stack([ce, distance, penalty]).detach()
+        self.bad_step = torch.where((self.bad_step < 0) & ~parts.isfinite().all(), step, self.bad_step)
+        self.sums += parts
         self.since += 1
         self.bar.update()
         if step == self.first + 1:  # steady state starts after two steps
@@ -662,10 +674,10 @@ class TrainLog:
         if not sums.isfinite().all():
             bad = int(self.bad_step) if self.bad_step >= 0 else step - 1
             raise NonFiniteLoss(f"the loss was not finite at step {bad}; " + last_good(self.args))
-        ce, d = (sums / self.since).tolist()
+        ce, d, penalty = (sums / self.since).tolist()
         lam = self.args.lam
         record = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d,
-                  "images_per_second": self.images_per_second(step - 1)}
+                  "loss/l2sp": self.args.l2sp * penalty, "images_per_second": self.images_per_second(step - 1)}
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -721,8 +733,8 @@ def all_reduce_mean(tensor):
 
 # ----------------------------------------------------------------- checkpoints and resume
 
-RUN_CONFIG = ("task", "lam", "model", "pretrained", "head", "seed", "batch_size", "lr", "wd", "warmup",
-              "grad_clip", "epochs", "total_steps")  # what a resumed run must share with its checkpoint
+RUN_CONFIG = ("task", "lam", "l2sp", "reference", "model", "pretrained", "head", "seed", "batch_size", "lr",
+              "wd", "warmup", "grad_clip", "epochs", "total_steps")  # what a resumed run must share with its checkpoint
 
 
 def is_checkpoint_step(step, n, args):
@@ -744,8 +756,6 @@ def save_checkpoint(classifier, optimizer, init_weight, step, args):
 def load_checkpoint(args):
     """The checkpoint in --out for --resume, after checking it belongs to this run."""
     path = args.out / "checkpoint.pt"
-    if not path.exists():
-        raise UsageError(f"--resume: no checkpoint.pt in {args.out}; run without --resume to start")
     try:
         checkpoint = torch.load(path, map_location=args.device, weights_only=True)
         config = checkpoint["config"]
@@ -759,9 +769,18 @@ def load_checkpoint(args):
     return checkpoint
 
 
+def checkpoints_in(out):
+    return [*out.glob("checkpoint.pt"), *out.glob("*/checkpoint.pt")]  # a plain run, or a sequence's stages
+
+
 def refuse_to_overwrite(args):
-    if (args.out / "checkpoint.pt").exists():
+    if checkpoints_in(args.out):
         raise UsageError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def check_resumable(args):
+    if not checkpoints_in(args.out):
+        raise UsageError(f"--resume: no checkpoint.pt in {args.out}; run without --resume to start")
 
 
 def restore(checkpoint, classifier, optimizer, args):
@@ -935,8 +954,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="eurosat", help="task to fine-tune on: " + ", ".join(TASKS))
+    p.add_argument("--task", default="eurosat", help="task to fine-tune on, or a comma-separated sequence "
+                   "for continual fine-tuning: " + ", ".join(TASKS))
     p.add_argument("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0 is plain fine-tuning")
+    p.add_argument("--l2sp", type=float, default=0.0, help="L2-SP baseline: add ALPHA * sum ||w - w0||^2 over "
+                   "the image encoder (the release uses 0.5); adds to the LDIFS term, so use --lam 0 for pure L2-SP")
+    p.add_argument("--reference", choices=["previous", "pretrained"], default="previous",
+                   help="continual runs: the frozen reference (and L2-SP anchor) for task k is the encoder "
+                   "after task k-1, as in the release, or the original pre-trained one")
     p.add_argument("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32; ldifs-tiny for synthetic]")
     p.add_argument("--pretrained", help="open_clip tag, checkpoint path, or 'none' for random init "
                    "[openai; none for synthetic]")
@@ -945,8 +970,9 @@ def parse_args(argv=None):
                    "zs = zero-shot text head")
     p.add_argument("--data-root", default=DATA_ROOT,
                    help="where datasets are read from and downloaded to ($LDIFS_DATA)")
-    p.add_argument("--out", type=Path, help="run directory [runs/<task>-lam<lam>]")
-    p.add_argument("--epochs", type=int, help="training epochs [the release's for the task]")
+    p.add_argument("--out", type=Path, help="run directory [runs/<task>-lam<lam>]; a continual run puts "
+                   "stage k in <out>/<k>-<task>/")
+    p.add_argument("--epochs", type=int, help="training epochs (per task) [the release's for each task]")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, help="global batch size [128; 64 for synthetic]")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate [1e-5; 1e-3 for synthetic]")
@@ -986,6 +1012,7 @@ DEFAULT_EVAL_TASKS = "cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat"  # what tor
 
 
 def parse_eval_tasks(value, target):
+    """The eval tasks named in `value` ('a,b' or 'none'), without the target."""
     if value == "none":
         return []
     names = [name for name in value.split(",") if name and name != target]
@@ -999,30 +1026,44 @@ RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500
 
 
 def resolve_args(args):
-    """Fill the unset flags from the task's recipe, then check them."""
-    if args.task not in TASKS:
-        raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
-    task = TASKS[args.task]
-    for key, value in {**RELEASE_RECIPE, **task.recipe}.items():
+    """Fill the unset flags from the (first) task's recipe, then check them; return the
+    tasks to fine-tune on, in order."""
+    names = args.task.split(",")
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown task {', '.join(unknown)!r}; choose from {', '.join(TASKS)}")
+    if len(set(names)) < len(names):
+        raise UsageError(f"--task {args.task!r} repeats a task; a continual sequence visits each task once")
+    tasks = [TASKS[name] for name in names]
+    for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None and key != "eval_tasks":
             setattr(args, key, value)
-    args.epochs = task.epochs if args.epochs is None else args.epochs
     if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
         args.pretrained = os.path.abspath(args.pretrained)
-    args.eval_tasks = parse_eval_tasks(args.eval_tasks or task.recipe.get("eval_tasks", DEFAULT_EVAL_TASKS),
-                                       args.task)
-    args.out = args.out or Path("runs") / f"{args.task}-lam{args.lam:g}"
+    eval_tasks = parse_eval_tasks(args.eval_tasks or tasks[0].recipe.get("eval_tasks", DEFAULT_EVAL_TASKS), None)
+    args.eval_tasks = [name for name in eval_tasks if name not in names]
+    args.out = args.out or Path("runs") / f"{'+'.join(names)}-lam{args.lam:g}"
+    args.sequence = names
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_args(args)
-    return task
+    return tasks
+
+
+def stage_args(args, k, task, continual):
+    """The flags of stage k of a run: its own task, epochs and, in a sequence, folder."""
+    stage = copy.copy(args)
+    stage.task, stage.stage = task.name, k
+    stage.epochs = task.epochs if args.epochs is None else args.epochs
+    stage.out = args.out / f"{k}-{task.name}" if continual else args.out
+    return stage
 
 
 def check_args(args):
-    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--log-every": args.log_every,
+    positive = {"--batch-size": args.batch_size, "--epochs": 1 if args.epochs is None else args.epochs, "--log-every": args.log_every,
                 "--eval-batch-size": args.eval_batch_size, "--max-steps": args.max_steps or 1}
     problems = [f"{flag} must be positive, got {value}" for flag, value in positive.items() if value <= 0]
     problems += [f"{flag} must be >= 0, got {value}" for flag, value in
-                 {"--lam": args.lam, "--lr": args.lr, "--wd": args.wd, "--warmup": args.warmup,
+                 {"--lam": args.lam, "--l2sp": args.l2sp, "--lr": args.lr, "--wd": args.wd, "--warmup": args.warmup,
                   "--workers": args.workers, "--save-every": args.save_every}.items() if value < 0]
     if problems:
         raise UsageError("; ".join(problems))
@@ -1057,10 +1098,10 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def initial_head(clip, encoder, task, classnames, transform, args):
+def initial_head(clip, encoder, task, classnames, transform, args, pretrained_encoder):
     if args.head == "zs":
         return zero_shot_head(clip, open_clip.get_tokenizer(args.model), classnames, task.templates, args.device)
-    return probe_head(encoder, task, len(classnames), transform, args)
+    return probe_head(encoder, task, len(classnames), transform, args, cache=pretrained_encoder)
 
 
 def setup_distributed(args):
@@ -1080,27 +1121,46 @@ def setup_distributed(args):
 
 
 def run(args):
-    task = resolve_args(args)
+    """Fine-tune on each task in turn (one task: a plain run), then summarise."""
+    tasks = resolve_args(args)
     setup_distributed(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers of bf16
-    if not args.resume:
-        refuse_to_overwrite(args)
+    (check_resumable if args.resume else refuse_to_overwrite)(args)
+    for task, split in itertools.product(tasks, ("train", "test")):  # fetch all data before the model
+        get_dataset(task, split, args.data_root, download=args.download)
     torch.manual_seed(args.seed)
+    clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
+    args.taps = default_tap_names(clip.visual)
+    pretrained = frozen_copy(clip.visual)
+    continual, heads, matrix = len(tasks) > 1, {}, []
+    for k, task in enumerate(tasks):
+        stage = stage_args(args, k, task, continual)
+        reference = pretrained if k == 0 or args.reference == "pretrained" else frozen_copy(clip.visual)
+        heads[task.name] = finetune(clip, reference, pretrained, task, (train_transform, eval_transform), stage)
+        if continual and args.rank == 0:
+            matrix.append(seen_task_accuracies(clip.visual, tasks[:k + 1], heads, eval_transform, stage))
+    if continual and args.rank == 0:
+        summarise_sequence(tasks, matrix, args)
+
+
+def finetune(clip, reference, pretrained, task, transforms, args):
+    """One stage: train clip.visual and a new head on `task` (or load a finished stage),
+    save, evaluate; return the head's weight."""
+    train_transform, eval_transform = transforms
     train_images = get_dataset(task, "train", args.data_root, download=args.download)
     test_data = get_dataset(task, "test", args.data_root, download=args.download)
     if len(train_images) < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(train_images)} training images")
     steps = args.epochs * (len(train_images) // args.batch_size)
     args.total_steps = min(steps, args.max_steps or steps)
-    checkpoint = load_checkpoint(args) if args.resume else None
-    clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
+    checkpoint = load_checkpoint(args) if args.resume and (args.out / "checkpoint.pt").exists() else None
+    if checkpoint and checkpoint["step"] == args.total_steps and "test_accuracy" in read_metrics(args.out):
+        return load_finished_stage(clip, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    encoder = clip.visual
-    args.taps = default_tap_names(encoder)
-    reference = frozen_copy(encoder)
     classnames = class_names(task, args.data_root)
-    head = (nn.Linear(encoder.output_dim, len(classnames), bias=False).to(args.device) if checkpoint
-            else initial_head(clip, encoder, task, classnames, eval_transform, args))
+    encoder = clip.visual
+    head = (nn.Linear(encoder.output_dim, len(classnames), bias=False).to(args.device) if checkpoint else
+            initial_head(clip, encoder, task, classnames, eval_transform, args, encoder_is_pretrained(encoder, pretrained)))
     classifier = ImageClassifier(encoder, head)
     optimizer = make_optimizer(classifier.parameters(), args)
     start_step, init_weight = (restore(checkpoint, classifier, optimizer, args) if checkpoint
@@ -1110,22 +1170,74 @@ def run(args):
                     init_weight, start_step, args)
     if args.rank == 0:
         metrics.update(train_seconds=time.perf_counter() - start, **{k: getattr(args, k) for k in RUN_CONFIG},
-                       eval_tasks=args.eval_tasks, world_size=args.world_size)
-        report(clip, classifier, reference, classnames, init_weight, test_data, eval_transform, metrics, args)
+                       eval_tasks=args.eval_tasks, world_size=args.world_size, stage=args.stage,
+                       sequence=args.sequence)
+        report(clip, classifier, pretrained, classnames, init_weight, test_data, eval_transform, metrics, args)
+    return head.weight.detach()
 
 
-def report(clip, classifier, reference, classnames, init_weight, test_data, transform, metrics, args):
-    """Save the outputs, then evaluate: target accuracy and the forgetting table."""
+def encoder_is_pretrained(encoder, pretrained):
+    """Whether the encoder still holds the pre-trained weights (its features may be cached)."""
+    return all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), pretrained.state_dict().values()))
+
+
+def read_metrics(out):
+    path = out / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_finished_stage(clip, args):
+    """A stage that already finished: its encoder into clip.visual, and its head."""
+    weights = torch.load(args.out / "open_clip_pytorch_model.bin", map_location=args.device, weights_only=True)
+    clip.load_state_dict(weights)
+    print(f"{args.task}: stage {args.stage} already finished in {args.out}; loaded it")
+    return torch.load(args.out / "head.pt", map_location=args.device, weights_only=True)["weight"]
+
+
+def report(clip, classifier, pretrained, classnames, init_weight, test_data, transform, metrics, args):
+    """Save the outputs, then evaluate: target accuracy and the forgetting table against
+    the original pre-trained encoder."""
     save_outputs(clip, classifier, classnames, init_weight, metrics, args)  # before evaluating: nothing lost
     test_x, test_y = extract_features(classifier.encoder, Transformed(test_data, transform), args)
     metrics["test_accuracy"] = probe_accuracy(classifier.head.weight, test_x, test_y)
+    rate = metrics["train_images_per_second"] or float("nan")
     print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
-          f"({metrics['train_images_per_second'] or float('nan'):.1f} images/s); outputs in {args.out}")
+          f"({rate:.1f} images/s); outputs in {args.out}")
     if args.eval_tasks:
-        metrics["forgetting"] = evaluate_forgetting(reference, classifier.encoder, clip, transform, args)
+        metrics["forgetting"] = evaluate_forgetting(pretrained, classifier.encoder, clip, transform, args)
         print(f"\nConcept forgetting after fine-tuning on {args.task} (lam {args.lam:g}), accuracy in %:\n")
         print(forgetting_table(metrics["forgetting"]))
     write_json(metrics, args.out / "metrics.json")
+
+
+def seen_task_accuracies(encoder, seen, heads, transform, args):
+    """Test accuracy on every task seen so far, each with its own head."""
+    row = []
+    for task in seen:
+        data = get_dataset(task, "test", args.data_root, transform, args.download)
+        row.append(probe_accuracy(heads[task.name], *extract_features(encoder, data, args)))
+    return row
+
+
+def summarise_sequence(tasks, matrix, args):
+    """The accuracy matrix (after stage k, on task i), the final average accuracy and
+    backward transfer: mean over i < T of acc(T, i) - acc(i, i)."""
+    last = matrix[-1]
+    summary = {"tasks": [t.name for t in tasks], "accuracy_matrix": matrix,
+               "average_accuracy": sum(last) / len(last),
+               "backward_transfer": sum(last[i] - matrix[i][i] for i in range(len(tasks) - 1)) / (len(tasks) - 1),
+               "lam": args.lam, "l2sp": args.l2sp, "reference": args.reference}
+    names = summary["tasks"]
+    lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for k, row in enumerate(matrix):
+        cells = [f"{100 * a:.1f}" for a in row] + [""] * (len(names) - len(row))
+        lines.append(f"| {k}: {names[k]} | " + " | ".join(cells) + " |")
+    print(f"\nContinual fine-tuning, test accuracy in % (lam {args.lam:g}, l2sp {args.l2sp:g}):\n")
+    print("\n".join(lines))
+    print(f"\naverage accuracy {100 * summary['average_accuracy']:.1f}, "
+          f"backward transfer {100 * summary['backward_transfer']:+.1f}")
+    write_json(summary, args.out / "metrics.json")
+    return summary
 
 
 def main(argv=None):

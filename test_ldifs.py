@@ -102,9 +102,11 @@ def test_vit_taps_are_ln_pre_and_quarter_blocks_batch_first():
     clip, _, _ = ldifs.load_clip(ldifs.TINY_CLIP, "none")
     names = ldifs.default_tap_names(clip.visual)
     assert names == ["ln_pre"] + [f"transformer.resblocks.{i}" for i in (0, 1, 2, 3)]
-    taps = ldifs.record_taps(clip.visual, names)
-    clip.visual(torch.randn(3, 3, 32, 32))
+    with ldifs.recorded_taps(clip.visual, names) as taps:
+        clip.visual(torch.randn(3, 3, 32, 32))
     assert [tuple(t.shape) for t in taps.values()] == [(3, 17, 64)] * 5  # (B, 1 + 4x4 patches, width)
+    clip.visual(torch.randn(2, 3, 32, 32))
+    assert taps["ln_pre"].shape[0] == 3  # the hooks are gone after the block
 
 
 def test_vit_b32_taps_after_blocks_3_6_9_12():
@@ -115,8 +117,8 @@ def test_vit_b32_taps_after_blocks_3_6_9_12():
 def test_resnet_taps_are_stem_and_four_layers():
     visual = open_clip.create_model("RN50").visual
     names = ldifs.default_tap_names(visual)
-    taps = ldifs.record_taps(visual, names)
-    visual.eval()(torch.randn(1, 3, 224, 224))
+    with ldifs.recorded_taps(visual, names) as taps:
+        visual.eval()(torch.randn(1, 3, 224, 224))
     assert [t.shape[1] for t in taps.values()] == [64, 256, 512, 1024, 2048]
     assert all(t.dim() == 4 for t in taps.values())
 
@@ -164,11 +166,10 @@ def test_ce_falls_on_synthetic(tmp_path):
 
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
     args, classifier, reference, data = tiny_setup(tmp_path)
-    taps = ldifs.record_taps(classifier.encoder, args.taps)
-    ref_taps = ldifs.record_taps(reference, args.taps)
     images = torch.stack([data[i][0] for i in range(8)])
     labels = torch.tensor([data[i][1] for i in range(8)])
-    ce, distance = ldifs.ldifs_loss(classifier.train(), reference, taps, ref_taps, images, labels, 10.0)
+    with ldifs.recorded_taps(classifier.encoder, args.taps) as taps, ldifs.recorded_taps(reference, args.taps) as ref_taps:
+        ce, distance = ldifs.ldifs_loss(classifier.train(), reference, taps, ref_taps, images, labels, 10.0)
     # not bitwise 0: the frozen copy's attention may take torch's fused inference path
     assert abs(distance.item()) < 1e-10 and ce.item() > 0
 
@@ -177,11 +178,10 @@ def final_drift(tmp_path, lam):
     args, classifier, reference, data = tiny_setup(tmp_path, "--lam", str(lam), steps=15)
     fit(args, classifier, reference, data)
     images = torch.stack([data[i][0] for i in range(32)])
-    taps = ldifs.record_taps(classifier.encoder, args.taps)
-    ref_taps = ldifs.record_taps(reference, args.taps)
-    with torch.no_grad():
-        classifier.encoder.eval()(images)
-        reference(images)
+    with ldifs.recorded_taps(classifier.encoder, args.taps) as taps, ldifs.recorded_taps(reference, args.taps) as ref_taps:
+        with torch.no_grad():
+            classifier.encoder.eval()(images)
+            reference(images)
     return ldifs.ldifs_distance(list(taps.values()), list(ref_taps.values())).item()
 
 
@@ -758,3 +758,88 @@ def test_bench_ldifs_overhead_loop_efficiency_and_memory(tmp_path):
           f"(each the median of 3); bare loop {bare:.1f} images/s, FT/bare {ft / bare:.2f}; "
           f"peak memory LDIFS/FT {memory:.2f} ({runs['10'][0]['peak_memory_mb']:.0f} / "
           f"{runs['0'][0]['peak_memory_mb']:.0f} MB)")
+
+
+# ------------------------------------------------------------------ continual fine-tuning and L2-SP
+
+SEQUENCE = ["--task", "synthetic,synthetic-stripes", "--head", "zs", "--max-steps", "6", "--save-every", "2",
+            "--workers", "0"]
+
+
+def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(tmp_path, capsys, monkeypatch):
+    references, ends, real = [], [], ldifs.finetune
+
+    def spy(clip, reference, pretrained, task, transforms, args):
+        references.append({k: v.clone() for k, v in reference.state_dict().items()})
+        head = real(clip, reference, pretrained, task, transforms, args)
+        ends.append({k: v.clone() for k, v in clip.visual.state_dict().items()})
+        return head
+
+    monkeypatch.setattr(ldifs, "finetune", spy)
+    code, out, err = run_main(ldifs, SEQUENCE + ["--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert len(references) == 2 and all(torch.equal(references[1][k], ends[0][k]) for k in ends[0])
+    assert not all(torch.equal(references[1][k], references[0][k]) for k in ends[0])
+    heads = [torch.load(tmp_path / d / "head.pt", weights_only=True) for d in ("0-synthetic", "1-synthetic-stripes")]
+    assert [h["weight"].shape[0] for h in heads] == [6, 4]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    matrix = summary["accuracy_matrix"]
+    assert [len(row) for row in matrix] == [1, 2] and all(0 <= a <= 1 for row in matrix for a in row)
+    assert summary["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    assert summary["average_accuracy"] == pytest.approx(sum(matrix[1]) / 2)
+    assert "backward transfer" in out
+
+
+def test_reference_pretrained_keeps_the_original_encoder(tmp_path, capsys, monkeypatch):
+    references, real = [], ldifs.finetune
+    monkeypatch.setattr(ldifs, "finetune", lambda clip, reference, *rest: references.append(reference) or
+                        real(clip, reference, *rest))
+    code, _, err = run_main(ldifs, SEQUENCE + ["--reference", "pretrained", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert references[0] is references[1]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_continual_resume_mid_sequence_matches_an_unbroken_sequence(tmp_path, capsys, monkeypatch):
+    assert run_main(ldifs, SEQUENCE + ["--out", str(tmp_path / "unbroken")], capsys)[0] == 0
+    real = ldifs.save_checkpoint
+
+    def die_in_stage_1(classifier, optimizer, init_weight, step, args):
+        real(classifier, optimizer, init_weight, step, args)
+        if args.stage == 1 and step == 4:
+            raise Killed
+
+    monkeypatch.setattr(ldifs, "save_checkpoint", die_in_stage_1)
+    with pytest.raises(Killed):
+        run_main(ldifs, SEQUENCE + ["--out", str(tmp_path / "broken")], capsys)
+    monkeypatch.setattr(ldifs, "save_checkpoint", real)
+    code, out, err = run_main(ldifs, SEQUENCE + ["--out", str(tmp_path / "broken"), "--resume"], capsys)
+    assert code == 0, err
+    assert "stage 0 already finished" in out
+    for stage in ("0-synthetic", "1-synthetic-stripes"):
+        a, b = (torch.load(tmp_path / run / stage / "open_clip_pytorch_model.bin", weights_only=True)
+                for run in ("unbroken", "broken"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_l2sp_term_is_zero_at_step_zero_and_keeps_weights_closer(tmp_path):
+    distances = {}
+    for alpha in ("0", "0.5"):
+        args, classifier, reference, data = tiny_setup(tmp_path / alpha, "--lam", "0", "--l2sp", alpha, steps=15)
+        assert ldifs.l2sp_penalty(classifier.encoder, reference).item() == 0.0
+        fit(args, classifier, reference, data)
+        assert read_log(args)[0]["loss/l2sp"] == 0.0  # measured at step 0, before any update
+        distances[alpha] = ldifs.l2sp_penalty(classifier.encoder, reference).item()
+    assert distances["0.5"] < distances["0"], distances
+
+
+def test_eval_labels_name_the_method():
+    base = {"lam": 0.0, "l2sp": 0.0, "head": "lp"}
+    assert evaluation.method_label(base) == "FT"
+    assert evaluation.method_label({**base, "lam": 10.0}) == "LDIFS (lam 10)"
+    assert evaluation.method_label({**base, "l2sp": 0.5}) == "L2-SP (alpha 0.5)"
+    continual = {**base, "lam": 10.0, "sequence": ["svhn", "cifar10", "resisc45"], "stage": 1}
+    assert evaluation.method_label(continual) == "LDIFS (lam 10), continual svhn > cifar10"
