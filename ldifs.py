@@ -9,13 +9,22 @@ where f is the trainable image encoder, f0 a frozen copy of the pre-trained one 
 the taps are intermediate activations (see `ldifs_distance`). lam=0 is plain
 fine-tuning.
 
-    python ldifs.py --task eurosat --lam 10       # CLIP ViT-B/32 (OpenAI) on EuroSAT
-    python ldifs.py --task synthetic              # offline smoke run, tiny CLIP, < 1 min on CPU
-    python ldifs.py --help                        # every flag, with its default
+    python ldifs.py --task eurosat --lam 10            # CLIP ViT-B/32 (OpenAI) on EuroSAT
+    python ldifs.py --task eurosat --lam 0             # plain fine-tuning, for comparison
+    python ldifs.py --task svhn,cifar10,resisc45       # continual fine-tuning, task after task
+    python ldifs.py --task synthetic                   # offline smoke run, tiny CLIP, < 1 min on CPU
+    torchrun --nproc_per_node 8 ldifs.py --task imagenet   # DDP on 8 GPUs
+    python ldifs.py --list-tasks                       # the tasks and where their data goes
+    python ldifs.py --help                             # every flag, with its default
+    python eval.py runs/eurosat-lam0 runs/eurosat-lam10    # compare runs for forgetting
+
+The file reads top to bottom: tasks, model and regulariser, training, checkpoints,
+evaluation, main.
 """
 import argparse
 import contextlib
 import copy
+import datetime
 import hashlib
 import itertools
 import json
@@ -1113,7 +1122,8 @@ def setup_distributed(args):
     if cuda:
         args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    # Ranks other than 0 wait while rank 0 downloads and evaluates: allow that an hour.
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
     args.rank, args.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if args.batch_size % args.world_size:
         raise UsageError(f"--batch-size {args.batch_size} (the global batch) must divide by the "
@@ -1126,8 +1136,7 @@ def run(args):
     setup_distributed(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers of bf16
     (check_resumable if args.resume else refuse_to_overwrite)(args)
-    for task, split in itertools.product(tasks, ("train", "test")):  # fetch all data before the model
-        get_dataset(task, split, args.data_root, download=args.download)
+    fetch_data(tasks, args)
     torch.manual_seed(args.seed)
     clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
     args.taps = default_tap_names(clip.visual)
@@ -1141,6 +1150,16 @@ def run(args):
             matrix.append(seen_task_accuracies(clip.visual, tasks[:k + 1], heads, eval_transform, stage))
     if continual and args.rank == 0:
         summarise_sequence(tasks, matrix, args)
+
+
+def fetch_data(tasks, args):
+    """Download (or find) every task's data before the model, rank 0 alone under torchrun."""
+    if args.rank > 0:
+        torch.distributed.barrier()
+    for task, split in itertools.product(tasks, ("train", "test")):
+        get_dataset(task, split, args.data_root, download=args.download)
+    if args.rank == 0 and args.world_size > 1:
+        torch.distributed.barrier()
 
 
 def finetune(clip, reference, pretrained, task, transforms, args):
