@@ -322,7 +322,12 @@ def test_missing_eval_data_is_skipped_not_fatal(tmp_path, capsys):
     assert "skipped" in forgetting["dtd"] and "delta_lp" in forgetting["synthetic-stripes"]
 
 
-def test_openai_weights_are_built_with_quick_gelu():
+def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
+    ldifs.load_clip("ViT-B-32", "openai")
+    ldifs.load_clip("ViT-B-32", "laion2b_s34b_b79k")
+    assert [kw["force_quick_gelu"] for kw in calls] == [True, False]
     assert ldifs.needs_quick_gelu("ViT-B-32", "openai")
     assert not ldifs.needs_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
     assert not ldifs.needs_quick_gelu("ViT-B-32", None)
