@@ -1108,6 +1108,8 @@ def atomic_save(obj, path):
 
 
 def initial_head(clip, encoder, task, classnames, transform, args, pretrained_encoder):
+    """The head's init; an LP-init probe reuses cached features only while the encoder
+    is the pre-trained one (the first stage)."""
     if args.head == "zs":
         return zero_shot_head(clip, open_clip.get_tokenizer(args.model), classnames, task.templates, args.device)
     return probe_head(encoder, task, len(classnames), transform, args, cache=pretrained_encoder)
@@ -1179,7 +1181,7 @@ def finetune(clip, reference, pretrained, task, transforms, args):
     classnames = class_names(task, args.data_root)
     encoder = clip.visual
     head = (nn.Linear(encoder.output_dim, len(classnames), bias=False).to(args.device) if checkpoint else
-            initial_head(clip, encoder, task, classnames, eval_transform, args, encoder_is_pretrained(encoder, pretrained)))
+            initial_head(clip, encoder, task, classnames, eval_transform, args, pretrained_encoder=args.stage == 0))
     classifier = ImageClassifier(encoder, head)
     optimizer = make_optimizer(classifier.parameters(), args)
     start_step, init_weight = (restore(checkpoint, classifier, optimizer, args) if checkpoint
@@ -1193,11 +1195,6 @@ def finetune(clip, reference, pretrained, task, transforms, args):
                        sequence=args.sequence)
         report(clip, classifier, pretrained, classnames, init_weight, test_data, eval_transform, metrics, args)
     return head.weight.detach()
-
-
-def encoder_is_pretrained(encoder, pretrained):
-    """Whether the encoder still holds the pre-trained weights (its features may be cached)."""
-    return all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), pretrained.state_dict().values()))
 
 
 def read_metrics(out):

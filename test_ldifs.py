@@ -767,8 +767,8 @@ def test_bench_ldifs_overhead_loop_efficiency_and_memory(tmp_path):
 
 # ------------------------------------------------------------------ continual fine-tuning and L2-SP
 
-SEQUENCE = ["--task", "synthetic,synthetic-stripes", "--head", "zs", "--max-steps", "6", "--save-every", "2",
-            "--workers", "0"]
+SEQUENCE = ["--task", "synthetic,synthetic-stripes", "--max-steps", "6", "--save-every", "2", "--workers", "0",
+            "--head", "zs"]
 
 
 def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(tmp_path, capsys, monkeypatch):
@@ -848,3 +848,12 @@ def test_eval_labels_name_the_method():
     assert evaluation.method_label({**base, "l2sp": 0.5}) == "L2-SP (alpha 0.5)"
     continual = {**base, "lam": 10.0, "sequence": ["svhn", "cifar10", "resisc45"], "stage": 1}
     assert evaluation.method_label(continual) == "LDIFS (lam 10), continual svhn > cifar10"
+
+
+def test_lp_init_after_the_first_stage_never_reads_the_pretrained_feature_cache(tmp_path, capsys, monkeypatch):
+    caches, real = [], ldifs.probe_head
+    monkeypatch.setattr(ldifs, "probe_head", lambda *a, cache=True: caches.append(cache) or real(*a, cache=cache))
+    flags = SEQUENCE[:-2] + ["--head", "lp", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 0, err
+    assert caches == [True, False]  # the cache is keyed by the pre-trained weights
