@@ -26,7 +26,6 @@ import contextlib
 import copy
 import datetime
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -1138,7 +1137,7 @@ def run(args):
     setup_distributed(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers of bf16
     (check_resumable if args.resume else refuse_to_overwrite)(args)
-    fetch_data(tasks, args)
+    data = fetch_data(tasks, args)
     torch.manual_seed(args.seed)
     clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
     args.taps = default_tap_names(clip.visual)
@@ -1147,29 +1146,31 @@ def run(args):
     for k, task in enumerate(tasks):
         stage = stage_args(args, k, task, continual)
         reference = pretrained if k == 0 or args.reference == "pretrained" else frozen_copy(clip.visual)
-        heads[task.name] = finetune(clip, reference, pretrained, task, (train_transform, eval_transform), stage)
+        heads[task.name] = finetune(clip, reference, pretrained, task, data[task.name],
+                                    (train_transform, eval_transform), stage)
         if continual and args.rank == 0:
-            matrix.append(seen_task_accuracies(clip.visual, tasks[:k + 1], heads, eval_transform, stage))
+            matrix.append(seen_task_accuracies(clip.visual, tasks[:k + 1], heads, data, eval_transform, stage))
     if continual and args.rank == 0:
         summarise_sequence(tasks, matrix, args)
 
 
 def fetch_data(tasks, args):
-    """Download (or find) every task's data before the model, rank 0 alone under torchrun."""
+    """{task: (train, test)} datasets, downloaded (or found) before the model is, by rank
+    0 alone under torchrun."""
     if args.rank > 0:
         torch.distributed.barrier()
-    for task, split in itertools.product(tasks, ("train", "test")):
-        get_dataset(task, split, args.data_root, download=args.download)
+    data = {task.name: tuple(get_dataset(task, split, args.data_root, download=args.download)
+                             for split in ("train", "test")) for task in tasks}
     if args.rank == 0 and args.world_size > 1:
         torch.distributed.barrier()
+    return data
 
 
-def finetune(clip, reference, pretrained, task, transforms, args):
-    """One stage: train clip.visual and a new head on `task` (or load a finished stage),
-    save, evaluate; return the head's weight."""
+def finetune(clip, reference, pretrained, task, data, transforms, args):
+    """One stage: train clip.visual and a new head on `task`'s (train, test) `data` (or
+    load a finished stage), save, evaluate; return the head's weight."""
     train_transform, eval_transform = transforms
-    train_images = get_dataset(task, "train", args.data_root, download=args.download)
-    test_data = get_dataset(task, "test", args.data_root, download=args.download)
+    train_images, test_data = data
     if len(train_images) < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(train_images)} training images")
     steps = args.epochs * (len(train_images) // args.batch_size)
@@ -1226,12 +1227,12 @@ def report(clip, classifier, pretrained, classnames, init_weight, test_data, tra
     write_json(metrics, args.out / "metrics.json")
 
 
-def seen_task_accuracies(encoder, seen, heads, transform, args):
+def seen_task_accuracies(encoder, seen, heads, data, transform, args):
     """Test accuracy on every task seen so far, each with its own head."""
     row = []
     for task in seen:
-        data = get_dataset(task, "test", args.data_root, transform, args.download)
-        row.append(probe_accuracy(heads[task.name], *extract_features(encoder, data, args)))
+        test = Transformed(data[task.name][1], transform)
+        row.append(probe_accuracy(heads[task.name], *extract_features(encoder, test, args)))
     return row
 
 

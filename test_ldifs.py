@@ -774,9 +774,9 @@ SEQUENCE = ["--task", "synthetic,synthetic-stripes", "--max-steps", "6", "--save
 def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(tmp_path, capsys, monkeypatch):
     references, ends, real = [], [], ldifs.finetune
 
-    def spy(clip, reference, pretrained, task, transforms, args):
+    def spy(clip, reference, pretrained, task, data, transforms, args):
         references.append({k: v.clone() for k, v in reference.state_dict().items()})
-        head = real(clip, reference, pretrained, task, transforms, args)
+        head = real(clip, reference, pretrained, task, data, transforms, args)
         ends.append({k: v.clone() for k, v in clip.visual.state_dict().items()})
         return head
 
