@@ -157,7 +157,7 @@ def markdown(rows, tasks):
 def evaluate(args):
     runs = [load_run(path) for path in args.runs]
     args.model, args.pretrained = check_same_start(runs)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = ldifs.pick_device(args.device)
     alphas = [float(a) for a in args.wise_ft.split(",") if a]
     if any(not 0 <= a <= 1 for a in alphas):
         raise ldifs.UsageError(f"--wise-ft weights must lie in [0, 1], got {args.wise_ft}")

@@ -517,13 +517,18 @@ def load_clip(name, pretrained, device="cpu"):
         raise UserError(f"could not {what.strip()}: {one_line(e)}; check your connection or the file") from e
 
 
+def linear_head(weight):
+    """A bias-free nn.Linear holding `weight` (classes, dim), on weight's device."""
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+    head.weight.data.copy_(weight)
+    return head
+
+
 def zero_shot_head(clip, tokenizer, classnames, templates, device):
     """A linear head whose rows are the text embeddings of the class prompts, scaled
     by logit_scale.exp() (100 for OpenAI CLIP), as CLIP's zero-shot classifier."""
     weights = open_clip.build_zero_shot_classifier(clip, tokenizer, classnames, templates, device=device)
-    head = nn.Linear(weights.shape[0], weights.shape[1], bias=False).to(device)
-    head.weight.data.copy_(weights.T * clip.logit_scale.exp().detach())
-    return head
+    return linear_head(weights.T * clip.logit_scale.exp().detach())
 
 
 def probe_head(encoder, task, num_classes, transform, args, cache=True):
@@ -531,10 +536,7 @@ def probe_head(encoder, task, num_classes, transform, args, cache=True):
     strength chosen on the val split, then refit on train + val, as the release does.
     `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
     f = task_features(encoder, task, transform, args, cache=cache)
-    weight = select_probe(*f["train"], *f["val"], num_classes)
-    head = nn.Linear(weight.shape[1], num_classes, bias=False).to(args.device)
-    head.weight.data.copy_(weight)
-    return head
+    return linear_head(select_probe(*f["train"], *f["val"], num_classes))
 
 
 # ----------------------------------------------------------------------------- training
@@ -1052,9 +1054,13 @@ def resolve_args(args):
     args.eval_tasks = [name for name in eval_tasks if name not in names]
     args.out = args.out or Path("runs") / f"{'+'.join(names)}-lam{args.lam:g}"
     args.sequence = names
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = pick_device(args.device)
     check_args(args)
     return tasks
+
+
+def pick_device(name):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def stage_args(args, k, task, continual):
@@ -1181,7 +1187,7 @@ def finetune(clip, reference, pretrained, task, data, transforms, args):
     args.out.mkdir(parents=True, exist_ok=True)
     classnames = class_names(task, args.data_root)
     encoder = clip.visual
-    head = (nn.Linear(encoder.output_dim, len(classnames), bias=False).to(args.device) if checkpoint else
+    head = (linear_head(checkpoint["model"]["head.weight"]) if checkpoint else
             initial_head(clip, encoder, task, classnames, eval_transform, args, pretrained_encoder=args.stage == 0))
     classifier = ImageClassifier(encoder, head)
     optimizer = make_optimizer(classifier.parameters(), args)
