@@ -63,10 +63,11 @@ def check_same_start(runs):
 
 
 def method_label(metrics):
-    """FT, LDIFS or L2-SP, as the paper names them; the head init when it is not LP-init;
-    and, for a stage of a continual run, the sequence up to it."""
-    lam, alpha = metrics["lam"], metrics.get("l2sp", 0)
-    methods = ([f"LDIFS (lam {lam:g})"] if lam else []) + ([f"L2-SP (alpha {alpha:g})"] if alpha else [])
+    """FT, LDIFS, L2-SP or LS (label smoothing), as the paper names them; the head init when
+    it is not LP-init; and, for a stage of a continual run, the sequence up to it."""
+    lam, alpha, eps = metrics["lam"], metrics.get("l2sp", 0), metrics.get("label_smoothing", 0)
+    methods = ([f"LDIFS (lam {lam:g})"] if lam else []) + ([f"L2-SP (alpha {alpha:g})"] if alpha else []) + \
+        ([f"LS (eps {eps:g})"] if eps else [])
     label = " + ".join(methods) or "FT"
     if metrics.get("head") == "zs":
         label += ", ZS-init"
@@ -92,9 +93,9 @@ def encoder_with(template, weights, device):
     return encoder.to(device).eval()
 
 
-def target_accuracy(encoder, head_weight, task, transform, args):
+def target_accuracy(encoder, head, task, transform, args):
     test = ldifs.get_dataset(task, "test", args.data_root, transform, args.download)
-    return ldifs.probe_accuracy(head_weight.to(args.device), *ldifs.extract_features(encoder, test, args))
+    return ldifs.probe_accuracy(head.to(args.device), *ldifs.extract_features(encoder, test, args))
 
 
 def probe_row(encoder, tasks, transform, args, cache=False):
@@ -125,10 +126,10 @@ def rows_for_run(run, pre_visual, template, transform, tasks, alphas, args):
     rows = []
     for alpha, name in mixes:
         encoder = encoder_with(template, wise_ft(pre_visual, visual_weights(run["weights"]), alpha), args.device)
-        head_weight = torch.lerp(head["init_weight"], head["weight"], alpha)
+        mixed = ldifs.linear_head(*(torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")))
         rows.append({"label": name, "run": str(run["path"]), "task": metrics["task"], "lam": metrics["lam"],
                      "alpha": alpha,
-                     "target_accuracy": target_accuracy(encoder, head_weight, metrics["task"], transform, args),
+                     "target_accuracy": target_accuracy(encoder, mixed, metrics["task"], transform, args),
                      "a_lp": probe_row(encoder, tasks, transform, args)})
     return rows
 

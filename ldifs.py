@@ -24,6 +24,7 @@ evaluation, main.
 import argparse
 import contextlib
 import copy
+import functools
 import datetime
 import hashlib
 import json
@@ -86,11 +87,12 @@ class DataMissing(UserError):
 
 
 def held_out_split(n, split, seed=0):
-    """Indices of `split` ('train' or 'val') of an official train split of n images:
-    val is a seeded 10% of it (at most 20000 images), as in the release."""
+    """Indices of `split` ('train' or 'val') of an official train split of n images: the
+    release's `random_split(train, [n - n_val, n_val], Generator().manual_seed(0))` with
+    n_val = int(0.1 * n) capped at 20000, so val is the END of the seeded permutation."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(n // 10, 20000)
-    return order[:n_val] if split == "val" else order[n_val:]
+    n_train = n - min(int(n * 0.1), 20000)
+    return order[n_train:] if split == "val" else order[:n_train]
 
 
 def fractional_split(n, split, fractions, seed=0):
@@ -144,41 +146,70 @@ def load_eurosat(root, split, download):
 
 
 def load_dtd(root, split, download):
-    # Partition 1: its train and val together are our official train split.
-    def make(train):
-        parts = [torchvision.datasets.DTD(root, s, partition=1, download=download)
-                 for s in (("train", "val") if train else ("test",))]
-        return torch.utils.data.ConcatDataset(parts)
-    return official_split(make, split)
+    # As the release: partition 1's `train` alone is the official train split (its `val`
+    # is unused), `test` the test split.
+    return official_split(lambda train: torchvision.datasets.DTD(
+        root, "train" if train else "test", partition=1, download=download), split)
 
 
 def load_resisc45(root, split, download):
-    # The standard split files (resisc45-{train,val,test}.txt, 18900/6300/6300) when
-    # present; otherwise a seeded 60/20/20 split of the 31500 images.
+    # As the release: the standard split files (resisc45-{train,test}.txt, 18900 / 6300) are
+    # the official train and test splits. Without them, a seeded 60/20/20 of the 31500
+    # images stands in (a labelled fallback, not the paper's split).
     base = Path(root) / "resisc45"
     samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES, "*.jpg")
-    split_file = base / f"resisc45-{split}.txt"
-    if split_file.exists():
-        keep = set(split_file.read_text().split())
-        return Samples([s for s in samples if Path(s[0]).name in keep])
-    return Subset(Samples(samples), fractional_split(len(samples), split, (0.6, 0.2, 0.2)))
+
+    def make(train):
+        name = "train" if train else "test"
+        split_file = base / f"resisc45-{name}.txt"
+        if split_file.exists():
+            keep = set(split_file.read_text().split())
+            return Samples([s for s in samples if Path(s[0]).name in keep])
+        warn_once(f"resisc45: no split files in {base}; using a seeded 60/20/20 split instead")
+        return Subset(Samples(samples), fractional_split(len(samples), name, (0.6, 0.2, 0.2)))
+    return official_split(make, split)
+
+
+SUN397_PARTITIONS = "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip"
 
 
 def sun397_classes(root):
+    # As the release (its folder 'a_apartment_building_outdoor' minus 'a_', '_' -> ' '):
+    # '/a/apartment_building/outdoor' -> 'apartment building outdoor'.
     lines = require(Path(root) / "SUN397" / "ClassName.txt").read_text().split()
-    return [line[3:] for line in lines]  # '/a/apartment_building/outdoor' -> 'apartment_building/outdoor'
+    return [line[3:].replace("_", " ").replace("/", " ") for line in lines]
+
+
+def sun397_partition(base, name):
+    """Partitions.zip's file `name` (e.g. Training_01.txt), wherever it was unpacked."""
+    return next((p for p in (base / name, base / "Partitions" / name) if p.exists()), None)
 
 
 def load_sun397(root, split, download):
-    # torchvision has no split for SUN397: a seeded 80/10/10 split of the sorted files.
+    # This literature's split: official partition 1 (Training_01 / Testing_01, 19850 each).
+    base = Path(root) / "SUN397"
     if download:
         torchvision.datasets.SUN397(root, download=True)
-    base = Path(root) / "SUN397"
-    classes = sun397_classes(root)
-    label = {name: i for i, name in enumerate(classes)}
+        if not sun397_partition(base, "Training_01.txt"):
+            torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, base)
+    lines = require(base / "ClassName.txt").read_text().split()
+    label = {line: i for i, line in enumerate(lines)}  # '/a/abbey' -> 0
+    train, test = (sun397_partition(base, f"{p}_01.txt") for p in ("Training", "Testing"))
+    if train and test:
+        def make(is_train):
+            files = (train if is_train else test).read_text().split()
+            return Samples([(str(base / f.lstrip("/")), label[f.rsplit("/", 1)[0]]) for f in files])
+        return official_split(make, split)
+    warn_once(f"sun397: no partition files in {base} (get {SUN397_PARTITIONS}); using a seeded "
+              "80/10/10 split of all images instead, not comparable with the paper")
     files = sorted(base.rglob("sun_*.jpg"))
-    samples = [(str(f), label["/".join(f.relative_to(base).parts[1:-1])]) for f in files]
+    samples = [(str(f), label["/" + "/".join(f.relative_to(base).parts[:-1])]) for f in files]
     return Subset(Samples(samples), fractional_split(len(samples), split, (0.8, 0.1, 0.1)))
+
+
+@functools.cache
+def warn_once(message):
+    print(f"ldifs.py: warning: {message}", file=sys.stderr)
 
 
 def load_imagenet(root, split, download):
@@ -203,10 +234,9 @@ def class_names(task, root):
     if task.classnames is not None:
         return task.classnames
     try:
-        names = task.read_classnames(os.path.expanduser(root))
+        return tuple(task.read_classnames(os.path.expanduser(root)))
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download=False) from e
-    return tuple(name.replace("_", " ").replace("/", " ") for name in names)
 
 
 def torchvision_loader(cls, train_kwargs, test_kwargs, subdir=""):
@@ -221,6 +251,9 @@ PHOTO_TEMPLATES = tuple(f"a {adj}photo of {art} {{}}." for art in ("a", "the") f
     "", "blurry ", "black and white ", "low contrast ", "high contrast ", "bad ", "good ")) + tuple(
     f"a photo of {art} {size} {{}}." for art in ("a", "the") for size in ("small", "big"))
 DIGIT_TEMPLATES = ('a photo of the number: "{}".',)
+CARS_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
+                  "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
+                  "a photo of my old {}.")  # task_vectors' cars_template
 SATELLITE_TEMPLATES = tuple(f"{kind} {view} of {art}{{}}." for art in ("", "a ", "the ")
                             for view in ("imagery", "photo", "view") for kind in ("satellite", "aerial"))
 CIFAR100_CLASSES = (
@@ -333,27 +366,27 @@ SYNTHETIC_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, 
                         eval_tasks="synthetic,synthetic-stripes")
 
 TASKS = {t.name: t for t in [
-    Task("cars", 196, None, ("a photo of a {}.", "a photo of the {}.", "a photo of my {}."), 35,
+    Task("cars", 196, None, CARS_TEMPLATES, 35,
          load_cars, "stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
          "by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars (needs scipy)",
          False, "8144 / 8041", HELD_OUT, read_classnames=cars_classes),
     Task("cifar10", 10, tuple("airplane automobile bird cat deer dog frog horse ship truck".split()),
          PHOTO_TEMPLATES, 10, torchvision_loader(TV.CIFAR10, {"train": True}, {"train": False}),
          "cifar-10-batches-py/", "torchvision.datasets.CIFAR10", True, "50000 / 10000", HELD_OUT),
-    Task("cifar100", 100, tuple(c.replace("_", " ") for c in CIFAR100_CLASSES), PHOTO_TEMPLATES, 10,
+    Task("cifar100", 100, tuple(CIFAR100_CLASSES), PHOTO_TEMPLATES, 10,
          torchvision_loader(TV.CIFAR100, {"train": True}, {"train": False}),
          "cifar-100-python/", "torchvision.datasets.CIFAR100", True, "50000 / 10000", HELD_OUT),
     Task("dtd", 47, tuple(DTD_CLASSES), tuple(f"a photo of {art} {{}} {kind}." for art in ("a", "the")
          for kind in ("texture", "pattern", "thing", "object")), 76, load_dtd,
-         "dtd/dtd/{images/<class>/*.jpg,labels/}", "torchvision.datasets.DTD", True, "3760 / 1880",
-         "partition 1: train+val = official train, minus a seeded 10% val; test = test"),
+         "dtd/dtd/{images/<class>/*.jpg,labels/}", "torchvision.datasets.DTD", True, "1880 / 1880",
+         "partition 1: train minus a seeded 10% val; test = test"),
     Task("eurosat", 10,
          ("annual crop land", "forest", "brushland or shrubland", "highway or road",
           "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
           "residential buildings or homes or apartments", "river", "lake or sea"),
          tuple(f"a centered satellite photo of {art}{{}}." for art in ("", "a ", "the ")), 12,
          load_eurosat, "eurosat/2750/<class>/*.jpg", "torchvision.datasets.EuroSAT", True,
-         "27000", "seeded 80/10/10: 21600 / 2700 / 2700"),
+         "27000", "seeded 80/10/10: 21600 / 2700 / 2700 (the release's split files were never published)"),
     Task("gtsrb", 43, GTSRB_CLASSES, tuple(f'a {kind} photo of a "{{}}" traffic sign.'
          for kind in ("zoomed in", "centered", "close up")), 11,
          torchvision_loader(TV.GTSRB, {"split": "train"}, {"split": "test"}),
@@ -368,10 +401,12 @@ TASKS = {t.name: t for t in [
     Task("resisc45", 45, tuple(c.replace("_", " ") for c in RESISC45_CLASSES), SATELLITE_TEMPLATES, 15,
          load_resisc45, "resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,val,test}.txt)",
          "by hand: NWPU-RESISC45 (e.g. via torchgeo), with the standard split files", False,
-         "31500", "the split files (18900 / 6300 / 6300) if present, else seeded 60/20/20"),
+         "18900 / 6300", "train file minus a seeded 10% val; test file (without them: seeded 60/20/20)"),
     Task("sun397", 397, None, ("a photo of a {}.", "a photo of the {}."), 14, load_sun397,
-         "SUN397/{ClassName.txt,<letter>/<class>/sun_*.jpg}", "torchvision.datasets.SUN397 (37 GB)", True,
-         "108754", "seeded 80/10/10 of the sorted files", read_classnames=sun397_classes),
+         "SUN397/{ClassName.txt,Training_01.txt,Testing_01.txt,<letter>/<class>/sun_*.jpg}",
+         "torchvision.datasets.SUN397 (37 GB) and Partitions.zip", True, "19850 / 19850",
+         "partition 1: train minus a seeded 10% val; test (without it: seeded 80/10/10)",
+         read_classnames=sun397_classes),
     Task("svhn", 10, tuple("0123456789"), DIGIT_TEMPLATES, 10,
          torchvision_loader(TV.SVHN, {"split": "train"}, {"split": "test"}, "svhn"),
          "svhn/{train,test}_32x32.mat", "torchvision.datasets.SVHN (needs scipy)", True, "73257 / 26032", HELD_OUT),
@@ -432,7 +467,7 @@ def ldifs_distance(taps, ref_taps, eps=1e-10):
     Depends on torch alone: copy it freely. lam=10 is calibrated for CLIP ViTs with
     this normalisation; other backbones need their own lam (see README)."""
     def unit(h):
-        h = h.float()
+        h = h.to(torch.promote_types(h.dtype, torch.float32))  # bf16/fp16 up, float64 kept
         return h / (h.norm(dim=1, keepdim=True) + eps)
     per_tap = [(unit(h) - unit(h0)).pow(2).flatten(1).mean(1) for h, h0 in zip(taps, ref_taps)]
     return torch.stack(per_tap).mean(0).mean()
@@ -474,7 +509,7 @@ def frozen_copy(module):
 
 
 class ImageClassifier(nn.Module):
-    """The image encoder and a bias-free linear head on its L2-normalised features."""
+    """The image encoder and a linear head (with bias) on its L2-normalised features."""
 
     def __init__(self, encoder, head):
         super().__init__()
@@ -517,10 +552,12 @@ def load_clip(name, pretrained, device="cpu"):
         raise UserError(f"could not {what.strip()}: {one_line(e)}; check your connection or the file") from e
 
 
-def linear_head(weight):
-    """A bias-free nn.Linear holding `weight` (classes, dim), on weight's device."""
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
-    head.weight.data.copy_(weight)
+def linear_head(weight, bias=None):
+    """An nn.Linear holding `weight` (classes, dim) and `bias` (0 if None), on weight's device."""
+    head = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(torch.zeros(len(weight)) if bias is None else bias)
     return head
 
 
@@ -532,11 +569,10 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device):
 
 
 def probe_head(encoder, task, num_classes, transform, args, cache=True):
-    """LP-init: a logistic-regression probe fit on the frozen encoder's features, its L2
-    strength chosen on the val split, then refit on train + val, as the release does.
+    """LP-init: the release's linear probe (`select_probe`) on the frozen encoder's features.
     `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
     f = task_features(encoder, task, transform, args, cache=cache)
-    return linear_head(select_probe(*f["train"], *f["val"], num_classes))
+    return select_probe(f["train"], f["val"], num_classes)
 
 
 # ----------------------------------------------------------------------------- training
@@ -582,12 +618,12 @@ def step_batches(n, batch_size, seed, start_step, total_steps, rank=0, world_siz
         yield (epoch * n + order[k * batch_size:(k + 1) * batch_size][rank::world_size]).tolist()
 
 
-def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam):
+def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam, label_smoothing=0.0):
     """Cross-entropy and the LDIFS distance D of one batch, from one trainable pass
     (the release runs the trainable encoder twice per step; one pass that yields both
     the logits and the taps is the same maths at lower cost). D is 0, and the
     reference never runs, when lam is 0."""
-    ce = F.cross_entropy(model(images), labels)
+    ce = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
     if lam == 0:
         return ce, torch.zeros((), device=ce.device)
     with torch.no_grad():
@@ -612,7 +648,7 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def train(classifier, reference, train_data, optimizer, init_weight, start_step, args):
+def train(classifier, reference, train_data, optimizer, init_head, start_step, args):
     """Fine-tune `classifier` with CE + lam * D (+ the L2-SP term) from `start_step` to
     args.total_steps, checkpointing every epoch and every --save-every steps; return
     throughput metrics."""
@@ -631,7 +667,8 @@ def train(classifier, reference, train_data, optimizer, init_weight, start_step,
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args.lr, args.warmup, args.total_steps)
             with autocast(args.device):
-                ce, distance = ldifs_loss(model, reference, taps, ref_taps, images, labels, args.lam)
+                ce, distance = ldifs_loss(model, reference, taps, ref_taps, images, labels, args.lam,
+                                          args.label_smoothing)
             penalty = l2sp_penalty(classifier.encoder, reference) if args.l2sp else torch.zeros_like(ce)
             optimizer.zero_grad(set_to_none=True)
             (ce + args.lam * distance + args.l2sp * penalty).backward()
@@ -640,7 +677,7 @@ def train(classifier, reference, train_data, optimizer, init_weight, start_step,
             log.record(step, ce, distance, penalty, group["lr"])
             if is_checkpoint_step(step + 1, len(train_data), args):
                 log.check_finite(classifier)
-                save_checkpoint(classifier, optimizer, init_weight, step + 1, args)
+                save_checkpoint(classifier, optimizer, init_head, step + 1, args)
     rate = log.images_per_second()
     return {"steps": args.total_steps, "train_images_per_second": None if math.isnan(rate) else rate,
             "peak_memory_mb": peak_memory_mb(args.device)}
@@ -743,7 +780,7 @@ def all_reduce_mean(tensor):
 
 # ----------------------------------------------------------------- checkpoints and resume
 
-RUN_CONFIG = ("task", "lam", "l2sp", "reference", "model", "pretrained", "head", "seed", "batch_size", "lr",
+RUN_CONFIG = ("task", "lam", "l2sp", "label_smoothing", "reference", "model", "pretrained", "head", "seed", "batch_size", "lr",
               "wd", "warmup", "grad_clip", "epochs", "total_steps")  # what a resumed run must share with its checkpoint
 
 
@@ -752,12 +789,12 @@ def is_checkpoint_step(step, n, args):
     return epoch_end or step == args.total_steps or (args.save_every and step % args.save_every == 0)
 
 
-def save_checkpoint(classifier, optimizer, init_weight, step, args):
+def save_checkpoint(classifier, optimizer, init_head, step, args):
     """Everything a bitwise-identical resume needs, as state dicts and plain values only."""
     if args.rank != 0:
         return
     atomic_save({"model": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                 "init_head": init_weight, "step": step, "config": {k: getattr(args, k) for k in RUN_CONFIG},
+                 "init_head": init_head, "step": step, "config": {k: getattr(args, k) for k in RUN_CONFIG},
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}},
                 args.out / "checkpoint.pt")
@@ -812,61 +849,86 @@ def restore(checkpoint, classifier, optimizer, args):
 
 @torch.inference_mode()
 def extract_features(encoder, data, args):
-    """L2-normalised image embeddings and labels of every image in `data`."""
+    """L2-normalised image embeddings and labels of every image in `data`, in fp32 with
+    autocast off, as the release measured them (training alone uses bf16)."""
     encoder.eval()
     loader = DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
     xs, ys = [], []
     for images, labels in tqdm(loader, desc="features", unit="batch", leave=False, dynamic_ncols=True):
-        with autocast(args.device):
-            xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
+        xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
         ys.append(labels.to(args.device))
     return torch.cat(xs), torch.cat(ys)
 
 
-def fit_linear_probe(x, y, num_classes, l2=1e-4, max_iter=200):
-    """A multinomial logistic regression without bias: the (num_classes, dim) weight
-    that minimises mean CE(x @ W.T, y) + l2/2 * ||W||^2, full-batch, by L-BFGS."""
-    x, y = x.clone(), y.clone()  # tensors made in inference_mode cannot enter autograd; clones can
-    weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+PROBE_LRS = (0.01, 0.05, 0.1, 0.5, 1.0)  # the release's sweep, picked on val
+PROBE_LOGITS = 2**27  # at most this many logits at once: probes share a pass while they fit
 
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T, y) + l2 / 2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
 
+def fit_linear_probes(x, y, num_classes, lrs, steps=1000, seed=0):
+    """The release's probes, one per learning rate: nn.Linear with bias, from nn.Linear's
+    default init (seeded, the same for every lr), fit full-batch on the L2-normalised
+    features by AdamW with torch's default weight decay (0.01) for 1000 steps.
+
+    Speed-up, same maths: probes fit side by side, each in its own param group, with one
+    matmul for all and the loss the sum of their separate CEs, so each gets exactly the
+    gradient it would get alone."""
+    x, y = F.normalize(x.clone(), dim=-1), y.clone()  # inference-mode tensors cannot enter autograd
+    heads = [seeded_linear(x.shape[1], num_classes, seed).to(x.device) for _ in lrs]
+    at_once = max(1, PROBE_LOGITS // (len(x) * num_classes))
+    with tqdm(total=steps * len(lrs), desc="linear probe", leave=False, dynamic_ncols=True) as bar:
+        for k in range(0, len(lrs), at_once):
+            fit_side_by_side(x, y, heads[k:k + at_once], lrs[k:k + at_once], steps, bar)
+    return heads
+
+
+def seeded_linear(dim, num_classes, seed):
+    """nn.Linear(dim, num_classes) with its default init U(-1/sqrt(dim), 1/sqrt(dim)), seeded."""
+    head, g = nn.Linear(dim, num_classes), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.uniform_(-dim**-0.5, dim**-0.5, generator=g)
+    return head
+
+
+def fit_side_by_side(x, y, heads, lrs, steps, bar):
+    groups = [{"params": head.parameters(), "lr": lr} for head, lr in zip(heads, lrs)]
+    optimizer = torch.optim.AdamW(groups)
     with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach()
-
-
-PROBE_L2 = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # L2 strengths tried, weakest first
+        for _ in range(steps):
+            weight = torch.cat([head.weight for head in heads])
+            bias = torch.cat([head.bias for head in heads])
+            logits = F.linear(x, weight, bias).view(len(x), len(heads), -1)
+            ce = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, len(heads)),
+                                 reduction="none")
+            optimizer.zero_grad(set_to_none=True)
+            ce.mean(0).sum().backward()
+            optimizer.step()
+            bar.update(len(heads))
 
 
 @torch.no_grad()
-def probe_accuracy(weight, x, y):
-    """Top-1 accuracy (a fraction) of the linear classifier x @ weight.T."""
-    return (x @ weight.T).argmax(1).eq(y).float().mean().item()
+def probe_accuracy(head, x, y):
+    """Top-1 accuracy (a fraction) of the linear head on features x."""
+    return head(x).argmax(1).eq(y).float().mean().item()
 
 
-def select_probe(train_x, train_y, val_x, val_y, num_classes):
-    """The probe whose L2 strength does best on val (the weakest among ties), refit on
-    train + val."""
-    best = max(PROBE_L2, key=lambda l2: probe_accuracy(
-        fit_linear_probe(train_x, train_y, num_classes, l2), val_x, val_y))
-    return fit_linear_probe(torch.cat([train_x, val_x]), torch.cat([train_y, val_y]), num_classes, best)
+def select_probe(train, val, num_classes):
+    """The release's probe: one fit on `train` = (x, y) per lr, the best on `val` (the first
+    of ties, as its strict >). The release then "refits on train + val", but its XValVal
+    resolves to XVal: it refits on the same train split from a fresh random init, a draw
+    from the same procedure, so we keep the chosen fit (one fit fewer)."""
+    heads = fit_linear_probes(*train, num_classes, PROBE_LRS)
+    return max(heads, key=lambda head: probe_accuracy(head, *val))
 
 
 def linear_probe(train_x, train_y, test_x, test_y, val=None):
-    """A_LP: the test accuracy (a fraction) of a logistic-regression probe on frozen
-    features, its L2 strength chosen on `val` = (x, y), by default a seeded 10% of train."""
+    """A_LP: the test accuracy (a fraction) of the release's probe on frozen features, its
+    lr chosen on `val` = (x, y), by default the seeded 10% of train held out as for tasks."""
     if val is None:
         keep, held = (held_out_split(len(train_x), s) for s in ("train", "val"))
         (train_x, train_y), val = (train_x[keep], train_y[keep]), (train_x[held], train_y[held])
     num_classes = int(torch.cat([train_y, val[1], test_y]).max()) + 1
-    return probe_accuracy(select_probe(train_x, train_y, *val, num_classes), test_x, test_y)
+    return probe_accuracy(select_probe((train_x, train_y), val, num_classes), test_x, test_y)
 
 
 def feature_key(args, task, split, transform):
@@ -913,7 +975,7 @@ def forgetting_on(task, reference, encoder, clip, transform, args):
     row = {}
     for which, model in (("pretrained", reference), ("finetuned", encoder)):
         f = task_features(model, task, transform, args, cache=which == "pretrained")
-        row[f"zs_{which}"] = probe_accuracy(zs.weight, *f["test"])
+        row[f"zs_{which}"] = probe_accuracy(zs, *f["test"])
         row[f"lp_{which}"] = linear_probe(*f["train"], *f["test"], val=f["val"])
     row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
     row["delta_lp"] = row["lp_finetuned"] - row["lp_pretrained"]
@@ -969,6 +1031,8 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0 is plain fine-tuning")
     p.add_argument("--l2sp", type=float, default=0.0, help="L2-SP baseline: add ALPHA * sum ||w - w0||^2 over "
                    "the image encoder (the release uses 0.5); adds to the LDIFS term, so use --lam 0 for pure L2-SP")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline: "
+                   "this epsilon in the cross-entropy (the release compares against it)")
     p.add_argument("--reference", choices=["previous", "pretrained"], default="previous",
                    help="continual runs: the frozen reference (and L2-SP anchor) for task k is the encoder "
                    "after task k-1, as in the release, or the original pre-trained one")
@@ -1077,20 +1141,23 @@ def check_args(args):
                 "--eval-batch-size": args.eval_batch_size, "--max-steps": args.max_steps or 1}
     problems = [f"{flag} must be positive, got {value}" for flag, value in positive.items() if value <= 0]
     problems += [f"{flag} must be >= 0, got {value}" for flag, value in
-                 {"--lam": args.lam, "--l2sp": args.l2sp, "--lr": args.lr, "--wd": args.wd, "--warmup": args.warmup,
+                 {"--lam": args.lam, "--l2sp": args.l2sp, "--label-smoothing": args.label_smoothing, "--lr": args.lr, "--wd": args.wd, "--warmup": args.warmup,
                   "--workers": args.workers, "--save-every": args.save_every}.items() if value < 0]
+    if args.label_smoothing >= 1:
+        problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
     if problems:
         raise UsageError("; ".join(problems))
 
 
-def save_outputs(clip, classifier, classnames, init_weight, metrics, args):
+def save_outputs(clip, classifier, classnames, init_head, metrics, args):
     """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable
     with create_model(name, pretrained=path) or create_model('local-dir:' + out)),
     the head (and its initial weight, which WiSE-FT mixes in), and metrics.json."""
     clip.visual.load_state_dict(classifier.encoder.state_dict())
     atomic_save(clip.state_dict(), args.out / "open_clip_pytorch_model.bin")
-    atomic_save({"weight": classifier.head.weight.detach().cpu(), "init_weight": init_weight.cpu(),
-                 "classnames": list(classnames)}, args.out / "head.pt")
+    head = {k: v.detach().cpu() for k, v in classifier.head.state_dict().items()}
+    init = {f"init_{k}": v.cpu() for k, v in init_head.items()}
+    atomic_save({**head, **init, "classnames": list(classnames)}, args.out / "head.pt")
     config = open_clip.get_model_config(args.model)
     if config is not None:
         config["quick_gelu"] = config.get("quick_gelu", False) or needs_quick_gelu(args.model, args.pretrained)
@@ -1187,21 +1254,21 @@ def finetune(clip, reference, pretrained, task, data, transforms, args):
     args.out.mkdir(parents=True, exist_ok=True)
     classnames = class_names(task, args.data_root)
     encoder = clip.visual
-    head = (linear_head(checkpoint["model"]["head.weight"]) if checkpoint else
+    head = (linear_head(checkpoint["model"]["head.weight"], checkpoint["model"]["head.bias"]) if checkpoint else
             initial_head(clip, encoder, task, classnames, eval_transform, args, pretrained_encoder=args.stage == 0))
     classifier = ImageClassifier(encoder, head)
     optimizer = make_optimizer(classifier.parameters(), args)
-    start_step, init_weight = (restore(checkpoint, classifier, optimizer, args) if checkpoint
-                               else (0, head.weight.detach().clone()))
+    start_step, init_head = (restore(checkpoint, classifier, optimizer, args) if checkpoint
+                             else (0, {k: v.detach().clone() for k, v in head.state_dict().items()}))
     start = time.perf_counter()
     metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), optimizer,
-                    init_weight, start_step, args)
+                    init_head, start_step, args)
     if args.rank == 0:
         metrics.update(train_seconds=time.perf_counter() - start, **{k: getattr(args, k) for k in RUN_CONFIG},
                        eval_tasks=args.eval_tasks, world_size=args.world_size, stage=args.stage,
                        sequence=args.sequence)
-        report(clip, classifier, pretrained, classnames, init_weight, test_data, eval_transform, metrics, args)
-    return head.weight.detach()
+        report(clip, classifier, pretrained, classnames, init_head, test_data, eval_transform, metrics, args)
+    return head
 
 
 def read_metrics(out):
@@ -1214,15 +1281,16 @@ def load_finished_stage(clip, args):
     weights = torch.load(args.out / "open_clip_pytorch_model.bin", map_location=args.device, weights_only=True)
     clip.load_state_dict(weights)
     print(f"{args.task}: stage {args.stage} already finished in {args.out}; loaded it")
-    return torch.load(args.out / "head.pt", map_location=args.device, weights_only=True)["weight"]
+    head = torch.load(args.out / "head.pt", map_location=args.device, weights_only=True)
+    return linear_head(head["weight"], head["bias"])
 
 
-def report(clip, classifier, pretrained, classnames, init_weight, test_data, transform, metrics, args):
+def report(clip, classifier, pretrained, classnames, init_head, test_data, transform, metrics, args):
     """Save the outputs, then evaluate: target accuracy and the forgetting table against
     the original pre-trained encoder."""
-    save_outputs(clip, classifier, classnames, init_weight, metrics, args)  # before evaluating: nothing lost
+    save_outputs(clip, classifier, classnames, init_head, metrics, args)  # before evaluating: nothing lost
     test_x, test_y = extract_features(classifier.encoder, Transformed(test_data, transform), args)
-    metrics["test_accuracy"] = probe_accuracy(classifier.head.weight, test_x, test_y)
+    metrics["test_accuracy"] = probe_accuracy(classifier.head, test_x, test_y)
     rate = metrics["train_images_per_second"] or float("nan")
     print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
           f"({rate:.1f} images/s); outputs in {args.out}")

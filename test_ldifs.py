@@ -1,4 +1,6 @@
 """Checks of ldifs.py on a tiny CLIP and synthetic images: offline, about a minute on 2 CPU cores."""
+import copy
+import dataclasses
 import json
 import os
 import signal
@@ -45,7 +47,8 @@ def fit(args, classifier, reference, data):
     """ldifs.train from step 0 with a fresh optimizer, in this process."""
     args.rank, args.world_size = 0, 1
     optimizer = ldifs.make_optimizer(classifier.parameters(), args)
-    return ldifs.train(classifier, reference, data, optimizer, classifier.head.weight.detach().clone(), 0, args)
+    init_head = {k: v.detach().clone() for k, v in classifier.head.state_dict().items()}
+    return ldifs.train(classifier, reference, data, optimizer, init_head, 0, args)
 
 
 def read_log(args):
@@ -87,6 +90,13 @@ def test_distance_on_conv_maps_matches_lpips_style_reference():
     u0 = h0 / (h0.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
     expected = ((u - u0) ** 2).mean(dim=(1, 2, 3)).mean()
     assert torch.allclose(ldifs.ldifs_distance([h], [h0]), expected)
+
+
+def test_distance_keeps_float64_and_upcasts_bfloat16():
+    h, h0 = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    assert ldifs.ldifs_distance([h], [h0]).dtype == torch.float64
+    low = ldifs.ldifs_distance([h.bfloat16()], [h0.bfloat16()])
+    assert low.dtype == torch.float32
 
 
 def test_distance_averages_taps_then_batch():
@@ -174,6 +184,20 @@ def test_ldifs_term_is_zero_at_step_zero(tmp_path):
     assert abs(distance.item()) < 1e-10 and ce.item() > 0
 
 
+def test_label_smoothing_is_torchs_in_the_training_loss(tmp_path):
+    args, classifier, reference, data = tiny_setup(tmp_path, "--label-smoothing", "0.2", steps=1)
+    batch = next(ldifs.step_batches(len(data), args.batch_size, args.seed, 0, 1))
+    images = torch.stack([data[i][0] for i in batch])
+    labels = torch.tensor([data[i][1] for i in batch])
+    with torch.no_grad():
+        logits = copy.deepcopy(classifier)(images)
+    fit(args, classifier, reference, data)
+    logged = read_log(args)[0]["loss/ce"]
+    expected = F.cross_entropy(logits, labels, label_smoothing=0.2).item()
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert abs(F.cross_entropy(logits, labels).item() - expected) > 1e-3
+
+
 def final_drift(tmp_path, lam):
     args, classifier, reference, data = tiny_setup(tmp_path, "--lam", str(lam), steps=15)
     fit(args, classifier, reference, data)
@@ -257,6 +281,8 @@ def test_cli_writes_outputs_that_open_clip_loads(two_runs):
         assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     head = torch.load(out / "head.pt", weights_only=True)
     assert head["weight"].shape == head["init_weight"].shape == (len(ldifs.TASKS["synthetic"].classnames), 64)
+    assert head["bias"].shape == head["init_bias"].shape == (len(ldifs.TASKS["synthetic"].classnames),)
+    assert not torch.equal(head["bias"], head["init_bias"])  # the bias trains with the encoder
 
 
 def test_run_ends_with_a_forgetting_table(two_runs):
@@ -424,7 +450,7 @@ def test_gtsrb_labels_are_class_ids(tmp_path):
     assert ldifs.TASKS["gtsrb"].classnames[14] == "stop"
 
 
-def test_dtd_partition_1_train_and_val_form_train(tmp_path):
+def test_dtd_trains_on_partition_1_train_alone(tmp_path):
     base = tmp_path / "dtd/dtd"
     lines = {"train1": [], "val1": [], "test1": []}
     for code, name in enumerate(ldifs.DTD_CLASSES):
@@ -434,7 +460,7 @@ def test_dtd_partition_1_train_and_val_form_train(tmp_path):
     for part, rows in lines.items():
         (base / "labels").mkdir(parents=True, exist_ok=True)
         (base / "labels" / f"{part}.txt").write_text("\n".join(rows) + "\n")
-    n_train = 47 * 3
+    n_train = 47 * 2  # train1 only, as the release; val1 is unused
     assert_splits("dtd", tmp_path, {"train": n_train - n_train // 10, "val": n_train // 10, "test": 47})
 
 
@@ -445,8 +471,8 @@ def make_resisc45(root, per_class=5):
 
 
 def test_resisc45_seeded_60_20_20_without_split_files(tmp_path):
-    make_resisc45(tmp_path)
-    assert_splits("resisc45", tmp_path, {"train": 135, "val": 45, "test": 45})
+    make_resisc45(tmp_path)  # 225 images: 135 stand in for the train file, minus 10% val
+    assert_splits("resisc45", tmp_path, {"train": 122, "val": 13, "test": 45})
     assert ldifs.TASKS["resisc45"].classnames[2] == "baseball diamond"
 
 
@@ -455,20 +481,40 @@ def test_resisc45_uses_the_standard_split_files(tmp_path):
     for split, ks in {"train": (0, 1, 2), "val": (3,), "test": (4,)}.items():
         names = [f"{c}_{k:03d}.jpg" for c in ldifs.RESISC45_CLASSES for k in ks]
         (tmp_path / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names))
-    splits = assert_splits("resisc45", tmp_path, {"train": 135, "val": 45, "test": 45})
+    splits = assert_splits("resisc45", tmp_path, {"train": 122, "val": 13, "test": 45})
     assert all(p.endswith("_004.jpg") for p in image_ids(splits["test"]))
+    assert not any(p.endswith("_003.jpg") for s in ("train", "val") for p in image_ids(splits[s]))
 
 
-def test_sun397_names_from_data_and_seeded_split(tmp_path):
-    classes = ["/a/abbey", "/a/apartment_building/outdoor", "/b/beach"]
-    (tmp_path / "SUN397").mkdir()
-    (tmp_path / "SUN397/ClassName.txt").write_text("\n".join(classes) + "\n")
-    for code, c in enumerate(classes):
+SUN397_CLASSES = ["/a/abbey", "/a/apartment_building/outdoor", "/b/beach"]
+
+
+def make_sun397(root):
+    (root / "SUN397").mkdir()
+    (root / "SUN397/ClassName.txt").write_text("\n".join(SUN397_CLASSES) + "\n")
+    for code, c in enumerate(SUN397_CLASSES):
         for k in range(10):
-            fake_image(tmp_path / "SUN397" / c.strip("/") / f"sun_{code}{k}.jpg", code)
+            fake_image(root / "SUN397" / c.strip("/") / f"sun_{code}{k}.jpg", code)
+
+
+def test_sun397_names_from_data_and_seeded_fallback_split(tmp_path, capsys):
+    make_sun397(tmp_path)
     names = ldifs.class_names(ldifs.TASKS["sun397"], tmp_path)
-    assert names == ("abbey", "apartment building outdoor", "beach")
+    assert names == ("abbey", "apartment building outdoor", "beach")  # the release's formatting
     assert_splits("sun397", tmp_path, {"train": 24, "val": 3, "test": 3})
+
+
+def test_sun397_uses_partition_1_when_present(tmp_path):
+    make_sun397(tmp_path)
+    parts = tmp_path / "SUN397/Partitions"  # where Partitions.zip unpacks
+    parts.mkdir()
+    rows = {p: [f"{c}/sun_{code}{k}.jpg" for code, c in enumerate(SUN397_CLASSES) for k in ks]
+            for p, ks in (("Training_01", range(0, 4)), ("Testing_01", range(4, 8)))}
+    for p, lines in rows.items():
+        (parts / f"{p}.txt").write_text("\n".join(lines) + "\n")
+    splits = assert_splits("sun397", tmp_path, {"train": 11, "val": 1, "test": 12})
+    used = set().union(*(image_ids(d) for d in splits.values()))
+    assert not any(p.endswith(("8.jpg", "9.jpg")) for p in used)  # images outside partition 1
 
 
 def test_imagenet_reads_placed_folders(tmp_path):
@@ -497,13 +543,33 @@ def test_class_lists_follow_the_datasets_sorted_folder_order():
     assert list(ldifs.CIFAR100_CLASSES) == sorted(ldifs.CIFAR100_CLASSES)
     assert list(ldifs.DTD_CLASSES) == sorted(ldifs.DTD_CLASSES)
     assert list(ldifs.RESISC45_CLASSES) == sorted(ldifs.RESISC45_CLASSES)
-    assert ldifs.TASKS["cifar100"].classnames[1] == "aquarium fish"
+    cifar100 = ldifs.TASKS["cifar100"].classnames
+    assert cifar100[1] == "aquarium_fish" and "sweet_pepper" in cifar100  # the release keeps '_'
+
+
+def test_cars_has_task_vectors_eight_templates_and_keeps_slashes(tmp_path):
+    templates = ldifs.TASKS["cars"].templates
+    assert len(templates) == 8 and "i love my {}!" in templates and "a photo of my dirty {}." in templates
+    names = lambda root: ["Ram C/V Cargo Van Minivan 2012"]  # torchvision's name, kept as is
+    task = dataclasses.replace(ldifs.TASKS["cars"], read_classnames=names)
+    assert ldifs.class_names(task, tmp_path) == ("Ram C/V Cargo Van Minivan 2012",)
 
 
 def test_held_out_split_is_10_percent_capped_at_20000():
     assert len(ldifs.held_out_split(1000, "val")) == 100
     assert len(ldifs.held_out_split(1_281_167, "val")) == 20000
     assert set(ldifs.held_out_split(1000, "val")).isdisjoint(ldifs.held_out_split(1000, "train"))
+
+
+@pytest.mark.parametrize("n", [94, 1000, 60000])
+def test_held_out_split_is_the_releases_random_split(n):
+    n_val = min(int(n * 0.1), 20000)
+    train, val = torch.utils.data.random_split(range(n), [n - n_val, n_val],
+                                               generator=torch.Generator().manual_seed(0))
+    assert ldifs.held_out_split(n, "train") == train.indices
+    assert ldifs.held_out_split(n, "val") == val.indices
+    if n == 60000:  # the release asserts this for MNIST
+        assert ldifs.held_out_split(n, "train")[0] == 36044
 
 
 def test_missing_data_is_one_line_naming_the_folder(tmp_path):
@@ -539,16 +605,60 @@ def test_probe_separates_separable_data_and_is_chance_on_shuffled_labels():
     assert abs(ldifs.linear_probe(x, shuffled, tx, ty) - 0.1) < 0.05
 
 
-def test_probe_matches_tuned_scikit_learn():
+def tuned_scikit_learn(x, y, val, test):
+    """Test accuracy of scikit-learn's LogisticRegression with C picked on val."""
     sklearn = pytest.importorskip("sklearn.linear_model")
-    (x, y), (vx, vy), (tx, ty) = (blobs(n, num_classes=20, dim=128, noise=3.0, seed=s)
-                                  for n, s in ((3000, 0), (500, 1), (2000, 2)))
-    ours = ldifs.linear_probe(x, y, tx, ty, val=(vx, vy))
-    best_c = max((0.01, 0.1, 1, 10, 100), key=lambda c: sklearn.LogisticRegression(C=c, max_iter=2000)
-                 .fit(x.numpy(), y.numpy()).score(vx.numpy(), vy.numpy()))
-    theirs = sklearn.LogisticRegression(C=best_c, max_iter=2000).fit(
-        torch.cat([x, vx]).numpy(), torch.cat([y, vy]).numpy()).score(tx.numpy(), ty.numpy())
-    assert ours >= theirs - 0.01, (ours, theirs)
+    fit = lambda c: sklearn.LogisticRegression(C=c, max_iter=2000).fit(x.numpy(), y.numpy())
+    best = max((0.01, 0.1, 1, 10, 100), key=lambda c: fit(c).score(val[0].numpy(), val[1].numpy()))
+    return fit(best).score(test[0].numpy(), test[1].numpy())
+
+
+# The release's probe regularises only through AdamW's weight decay and its lr sweep. On
+# separable data it matches tuned scikit-learn; on noisy data it trails it, measured here
+# by 3.4 points (90.6 % against 94.0 %). We keep the release's estimator (its numbers are
+# the paper's) and pin the gap, so any drift in it is caught.
+@pytest.mark.parametrize("noise, gap", [(0.3, 0.01), (3.0, 0.04)])
+def test_probe_against_tuned_scikit_learn_on_separable_and_noisy_data(noise, gap):
+    (x, y), val, test = (blobs(n, num_classes=20, dim=128, noise=noise, seed=s)
+                         for n, s in ((3000, 0), (500, 1), (2000, 2)))
+    theirs = tuned_scikit_learn(x, y, val, test)
+    ours = ldifs.linear_probe(x, y, *test, val=val)
+    assert ours >= theirs - gap, (ours, theirs)
+
+
+def test_probe_is_the_releases_adamw_fit_with_bias_picked_on_val():
+    (x, y), val = blobs(600, noise=2.0), blobs(300, noise=2.0, seed=1)
+    fits = ldifs.fit_linear_probes(x, y, 10, ldifs.PROBE_LRS)
+    scores = [ldifs.probe_accuracy(f, *val) for f in fits]
+    assert len(set(scores)) > 1  # the learning rate matters here, so the choice is tested
+    chosen = ldifs.select_probe((x, y), val, 10)
+    best = fits[scores.index(max(scores))]
+    assert torch.equal(chosen.weight, best.weight) and torch.equal(chosen.bias, best.bias)
+    assert chosen.bias.abs().sum() > 0
+
+
+def test_probes_fit_side_by_side_as_they_would_alone(monkeypatch):
+    x, y = blobs(300, noise=2.0)
+    together = ldifs.fit_linear_probes(x, y, 10, ldifs.PROBE_LRS, steps=50)
+    monkeypatch.setattr(ldifs, "PROBE_LOGITS", 1)  # one probe at a time
+    alone = ldifs.fit_linear_probes(x, y, 10, ldifs.PROBE_LRS, steps=50)
+    for a, b in zip(together, alone):
+        assert torch.allclose(a.weight, b.weight, atol=1e-5) and torch.allclose(a.bias, b.bias, atol=1e-5)
+    manual = ldifs.seeded_linear(64, 10, 0)
+    optimizer = torch.optim.AdamW(manual.parameters(), lr=ldifs.PROBE_LRS[2])
+    for _ in range(50):
+        optimizer.zero_grad()
+        F.cross_entropy(manual(F.normalize(x, dim=-1)), y).backward()
+        optimizer.step()
+    assert torch.allclose(manual.weight, together[2].weight, atol=1e-5)
+
+
+def test_probe_is_deterministic_for_a_seed():
+    x, y = blobs(200)
+    a, b = (ldifs.fit_linear_probes(x, y, 10, [0.1], steps=20)[0] for _ in range(2))
+    other = ldifs.fit_linear_probes(x, y, 10, [0.1], steps=20, seed=1)[0]
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert not torch.equal(a.weight, other.weight)
 
 
 def test_zero_shot_head_is_open_clips_classifier_times_logit_scale():
@@ -558,6 +668,16 @@ def test_zero_shot_head_is_open_clips_classifier_times_logit_scale():
     head = ldifs.zero_shot_head(clip, tokenizer, task.classnames, task.templates, "cpu")
     theirs = open_clip.build_zero_shot_classifier(clip, tokenizer, task.classnames, task.templates)
     assert torch.allclose(head.weight, theirs.T * clip.logit_scale.exp(), atol=1e-5)
+    assert torch.equal(head.bias, torch.zeros(len(task.classnames)))
+
+
+def test_lp_init_head_is_the_fitted_probe_and_its_bias_trains(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    head = ldifs.probe_head(clip.visual, ldifs.TASKS["synthetic"], 6, transform, args)
+    f = ldifs.task_features(clip.visual, ldifs.TASKS["synthetic"], transform, args)
+    assert torch.equal(head.weight, ldifs.select_probe(f["train"], f["val"], 6).weight)
+    assert head.bias.abs().sum() > 0 and head.bias.requires_grad
 
 
 class Constant(torch.nn.Module):
@@ -685,6 +805,8 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     assert (tmp_path / "run/checkpoint.pt").read_bytes() == before
     code, _, err = run_main(ldifs, flags + ["--lam", "0", "--resume"], capsys)
     assert code == 2 and "--lam 0.0 (checkpoint: 10.0)" in err
+    code, _, err = run_main(ldifs, flags + ["--label-smoothing", "0.1", "--resume"], capsys)
+    assert code == 2 and "--label-smoothing 0.1 (checkpoint: 0.0)" in err
     (tmp_path / "run/checkpoint.pt").write_bytes(before[:100])
     code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
     assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
