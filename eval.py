@@ -28,6 +28,11 @@ def parse_args(argv=None):
     p.add_argument("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
     p.add_argument("--wise-ft", default="", help="comma-separated WiSE-FT mixing weights alpha, e.g. 0.5")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--plot", type=Path, help="also draw target accuracy against forgetting, one "
+                   "point per run and its WiSE-FT curve from the pre-trained point, to this PNG "
+                   "(needs matplotlib)")
+    p.add_argument("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp",
+                   help="the plot's x axis: average Δ_LP or average A_LP over the eval tasks")
     p.add_argument("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
     p.add_argument("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download data")
@@ -44,7 +49,7 @@ def load_run(path):
         raise ldifs.UsageError(f"{path} is not a run directory of ldifs.py (no metrics.json)")
     summary = json.loads((path / "metrics.json").read_text())
     if "accuracy_matrix" in summary:
-        path = path / f"{len(summary['tasks']) - 1}-{summary['tasks'][-1]}"
+        path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])
     try:
         return {"path": path, "metrics": json.loads((path / "metrics.json").read_text()),
                 "weights": torch.load(path / "open_clip_pytorch_model.bin", map_location="cpu", weights_only=True),
@@ -102,7 +107,7 @@ def probe_row(encoder, tasks, transform, args, cache=False):
     """{task: A_LP} of the encoder."""
     row = {}
     for name in tasks:
-        f = ldifs.task_features(encoder, ldifs.TASKS[name], transform, args, cache=cache)
+        f = ldifs.task_features(encoder, ldifs.get_task(name), transform, args, cache=cache)
         row[name] = ldifs.linear_probe(*f["train"], *f["test"], val=f["val"])
     return row
 
@@ -119,7 +124,7 @@ def available_tasks(tasks, args):
     return kept
 
 
-def rows_for_run(run, pre_visual, template, transform, tasks, alphas, args):
+def rows_for_run(run, pre_visual, template, transform, tasks, alphas, baseline, args):
     metrics, head = run["metrics"], run["head"]
     label = f"{metrics['task']} {method_label(metrics)}"
     mixes = [(1.0, label)] + [(a, f"  WiSE-FT alpha {a:g} of {label}") for a in alphas]
@@ -130,7 +135,8 @@ def rows_for_run(run, pre_visual, template, transform, tasks, alphas, args):
         rows.append({"label": name, "run": str(run["path"]), "task": metrics["task"], "lam": metrics["lam"],
                      "alpha": alpha,
                      "target_accuracy": target_accuracy(encoder, mixed, metrics["task"], transform, args),
-                     "a_lp": probe_row(encoder, tasks, transform, args)})
+                     # alpha 0 is the pre-trained encoder: its A_LP is the baseline's
+                     "a_lp": baseline if alpha == 0 else probe_row(encoder, tasks, transform, args)})
     return rows
 
 
@@ -162,6 +168,9 @@ def evaluate(args):
     alphas = [float(a) for a in args.wise_ft.split(",") if a]
     if any(not 0 <= a <= 1 for a in alphas):
         raise ldifs.UsageError(f"--wise-ft weights must lie in [0, 1], got {args.wise_ft}")
+    if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
+        pyplot()
+        alphas = sorted(set(alphas) | {0.0})
     default = [t for r in runs for t in r["metrics"].get("eval_tasks", [])] or \
         ldifs.parse_eval_tasks(ldifs.DEFAULT_EVAL_TASKS, None)
     tasks = available_tasks(ldifs.parse_eval_tasks(args.tasks, None) if args.tasks else list(dict.fromkeys(default)), args)
@@ -171,12 +180,50 @@ def evaluate(args):
     weights = "/".join(Path(args.pretrained).parts[-2:])
     rows = [{"label": f"pre-trained {args.model} ({weights})", "target_accuracy": None, "a_lp": baseline}]
     for run in runs:
-        rows += rows_for_run(run, pre_visual, clip.visual, transform, tasks, alphas, args)
+        rows += rows_for_run(run, pre_visual, clip.visual, transform, tasks, alphas, baseline, args)
     add_deltas(rows, baseline)
     print(markdown(rows, tasks))
+    if args.plot:
+        plot(rows[1:], args.plot, args.plot_x)
     if args.json:
         ldifs.write_json({"model": args.model, "pretrained": args.pretrained, "tasks": tasks, "rows": rows}, args.json)
     return rows
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files; it is needed for --plot alone."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ldifs.UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows, path, x_key):
+    """Target accuracy against average A_LP or Δ_LP: per run, its WiSE-FT curve from the
+    pre-trained point (alpha 0, a star) to the run (alpha 1, labelled with its method)."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    for run in dict.fromkeys(row["run"] for row in rows):
+        curve = sorted((r for r in rows if r["run"] == run), key=lambda r: r["alpha"])
+        xs = [100 * r[f"avg_{x_key}"] for r in curve]
+        ys = [100 * r["target_accuracy"] for r in curve]
+        line = axes.plot(xs, ys, "o-", markersize=3)[0]
+        axes.plot(xs[0], ys[0], "*", color="black", markersize=12)
+        axes.annotate(curve[-1]["label"], (xs[-1], ys[-1]), color=line.get_color(),
+                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.plot([], [], "*", color="black", label="pre-trained (alpha 0)")
+    axes.set_xlabel("average Δ_LP over eval tasks (%)" if x_key == "delta_lp"
+                    else "average A_LP over eval tasks (%)")
+    axes.set_ylabel("target accuracy (%)")
+    axes.set_title("Target accuracy against forgetting (lines: WiSE-FT)")
+    axes.legend(loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main(argv=None):
@@ -185,7 +232,7 @@ def main(argv=None):
     try:
         evaluate(args)
     except ldifs.UserError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
+        print(f"eval.py: error: {ldifs.user_message(e)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ldifs.UsageError) else 1)
 
 

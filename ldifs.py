@@ -31,10 +31,12 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,15 @@ class UserError(Exception):
 
 class UsageError(UserError):
     """A bad flag or argument: exit status 2, as argparse uses."""
+
+
+def user_message(error):
+    """A UserError's own line. DataLoader workers re-raise ours with the worker's traceback
+    in the message; its last line is ours."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def one_line(error, limit=200):
@@ -124,13 +135,25 @@ class Samples(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return torchvision.datasets.folder.default_loader(path), label
+        try:
+            return torchvision.datasets.folder.default_loader(path), label
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise BadImage(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
 
 
-def folder_samples(folder, classes, pattern="*"):
-    """Sorted (path, label) pairs of folder/<class>/<pattern>, labels by position in `classes`."""
+class BadImage(UserError):
+    pass
+
+
+def is_image(path):
+    return path.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+def folder_samples(folder, classes):
+    """Sorted (path, label) pairs of the images in folder/<class>/, labels by position in
+    `classes`."""
     return [(str(path), label) for label, name in enumerate(classes)
-            for path in sorted((Path(folder) / name).glob(pattern))]
+            for path in sorted((Path(folder) / name).rglob("*")) if is_image(path)]
 
 
 def require(path):
@@ -157,7 +180,7 @@ def load_resisc45(root, split, download):
     # the official train and test splits. Without them, a seeded 60/20/20 of the 31500
     # images stands in (a labelled fallback, not the paper's split).
     base = Path(root) / "resisc45"
-    samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES, "*.jpg")
+    samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES)
 
     def make(train):
         name = "train" if train else "test"
@@ -419,11 +442,67 @@ TASKS = {t.name: t for t in [
 ]}
 
 
+def folder_task(name):
+    """--task folder:PATH: your own images in ImageFolder layout, PATH/{train,test}/<class>/*
+    and optionally PATH/val/<class>/* (else val is held out of train as for every task).
+    Class names are the train folders' names, sorted as ImageFolder does, '_' read as ' '."""
+    root = Path(name.split(":", 1)[1]).expanduser().resolve()
+    classes = image_folder_classes(root)
+    return Task(f"folder:{root}", len(classes), tuple(c.replace("_", " ") for c in classes),
+                PHOTO_TEMPLATES, 10, lambda _, split, download: load_folder(root, classes, split),
+                str(root), "your folder", False, "your split", "train (minus a seeded 10% val "
+                "without val/); test")
+
+
+def image_folder_classes(root):
+    """The class folders of a folder:PATH task, after checking its layout."""
+    where = f"--task folder:{root}"
+    missing = [s + "/" for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise UsageError(f"{where}: no {' or '.join(missing)} folder; expected "
+                         f"{root}/train/<class>/* and {root}/test/<class>/* (ImageFolder layout)")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    for split in ("train", "val", "test"):
+        for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
+            if folder.name not in classes:
+                raise UsageError(f"{where}: class {folder.name!r} is in {split}/ but not in train/")
+            if not any(is_image(p) for p in folder.rglob("*")):
+                raise UsageError(f"{where}: class folder {folder} holds no images")
+    if not classes:
+        raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")
+    return classes
+
+
+def load_folder(root, classes, split):
+    if (root / "val").is_dir() or split == "test":
+        return Samples(folder_samples(root / split, classes))
+    return official_split(lambda train: Samples(folder_samples(root / "train", classes)), split)
+
+
+@functools.cache
+def get_task(name):
+    """The built-in task `name`, or a folder:PATH task."""
+    if name in TASKS:
+        return TASKS[name]
+    if name.startswith("folder:"):
+        return folder_task(name)
+    raise UsageError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, or folder:PATH")
+
+
+def file_safe(name):
+    """`name` as part of a file name: a built-in task's as it is; a folder:PATH task's as
+    folder-<its last folder>-<hash of PATH>, so no path reaches a file name raw."""
+    if name in TASKS:
+        return name
+    tail = re.sub(r"[^\w.-]+", "_", Path(name.split(":", 1)[-1]).name).strip("._") or "data"
+    return f"folder-{tail}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def get_dataset(task, split, root, transform=None, download=True):
     """The (image, label) pairs of `task`'s `split` ('train', 'val' or 'test'), read
     from (or downloaded into) `root`. Raises DataMissing, a one-line message, when
     the data is not there and cannot be fetched."""
-    task = TASKS[task] if isinstance(task, str) else task
+    task = get_task(task) if isinstance(task, str) else task
     root = os.path.expanduser(root)
     try:
         data = task.load(root, split, download)
@@ -474,13 +553,20 @@ def ldifs_distance(taps, ref_taps, eps=1e-10):
 
 
 @contextlib.contextmanager
-def recorded_taps(model, names):
+def recorded_taps(model, names, channels_last=False):
     """Within the block, every forward pass of `model` stores the outputs of its
     submodules `names` in the yielded dict (name -> tensor, in the order of `names`).
-    Hooks read the activations from the same pass that gives the logits."""
+    Hooks read the activations from the same pass that gives the logits. A module that
+    returns a tuple (as Hugging Face layers do) is tapped at its first element; with
+    `channels_last`, 4-D maps (B, H, W, C) are stored as (B, C, H, W)."""
     taps = dict.fromkeys(names)
+
+    def record(name, output):
+        output = output[0] if isinstance(output, tuple) else output
+        taps[name] = output.movedim(-1, 1) if channels_last and output.dim() == 4 else output
+
     handles = [model.get_submodule(name).register_forward_hook(
-        lambda module, inputs, output, name=name: taps.__setitem__(name, output)) for name in names]
+        lambda module, inputs, output, name=name: record(name, output)) for name in names]
     try:
         yield taps
     finally:
@@ -489,15 +575,50 @@ def recorded_taps(model, names):
 
 
 def default_tap_names(encoder):
-    """The release's taps: for a ViT the output of ln_pre and of the blocks at depth/4,
-    depth/2, 3*depth/4 and depth; for a ModifiedResNet the stem and layer1..layer4."""
-    if hasattr(encoder, "layer4"):
+    """The release's taps and their analogue on every open_clip image tower: for ViTs
+    (open_clip's, timm's VisionTransformer and EVA) the tokens after the patch and position
+    embeddings (ln_pre, norm_pre) and after the blocks at depth/4, depth/2, 3*depth/4 and
+    depth; for staged towers (ModifiedResNet, ConvNeXt, FastViT, Swin) the stem and each
+    stage. open_clip wraps timm models as `.trunk`."""
+    trunk, prefix = (encoder.trunk, "trunk.") if hasattr(encoder, "trunk") else (encoder, "")
+    if hasattr(trunk, "ln_pre") and hasattr(trunk, "transformer"):
+        return ["ln_pre"] + quarter_blocks("transformer.resblocks", len(trunk.transformer.resblocks))
+    if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
+        first = "norm_pre" if getattr(trunk, "norm_pre", None) is not None else "patch_embed"
+        return [prefix + first] + quarter_blocks(prefix + "blocks", len(trunk.blocks))
+    if hasattr(trunk, "layer4"):
         return ["avgpool", "layer1", "layer2", "layer3", "layer4"]  # avgpool ends the stem
-    if hasattr(encoder, "ln_pre") and hasattr(encoder, "transformer"):
-        depth = len(encoder.transformer.resblocks)
-        return ["ln_pre"] + [f"transformer.resblocks.{depth * k // 4 - 1}" for k in (1, 2, 3, 4)]
-    raise UserError(f"no default LDIFS taps for a {type(encoder).__name__} image tower; "
-                    "only open_clip ViTs and ModifiedResNets are supported")
+    stem = next((n for n in ("stem", "patch_embed") if hasattr(trunk, n)), None)
+    stages = next((n for n in ("stages", "layers") if hasattr(trunk, n)), None)
+    if stem and stages:
+        return [prefix + stem] + [f"{prefix}{stages}.{i}" for i in range(len(getattr(trunk, stages)))]
+    raise UsageError(f"no default LDIFS taps for a {type(trunk).__name__} image tower; name them "
+                     f"with --taps a,b,c (its top-level submodules: {submodules(encoder)})")
+
+
+def quarter_blocks(blocks, depth):
+    return [f"{blocks}.{depth * k // 4 - 1}" for k in (1, 2, 3, 4)]
+
+
+def submodules(module):
+    return ", ".join(name for name, _ in module.named_children())
+
+
+def channels_last(encoder):
+    """Whether the tower's maps are (B, H, W, C), as timm's Swin makes them."""
+    return getattr(getattr(encoder, "trunk", encoder), "output_fmt", "NCHW") == "NHWC"
+
+
+def tap_names(encoder, flag):
+    """--taps a,b,c if given, else the tower's default taps; each must name a submodule."""
+    names = flag.split(",") if flag else default_tap_names(encoder)
+    for name in names:
+        try:
+            encoder.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"--taps: the image tower has no submodule {name!r} (its top-level "
+                             f"submodules: {submodules(encoder)})") from None
+    return names
 
 
 def frozen_copy(module):
@@ -659,8 +780,10 @@ def train(classifier, reference, train_data, optimizer, init_head, start_step, a
                         pin_memory=args.device.type == "cuda")
     log = TrainLog(start_step, args)
     classifier.train()
-    with (recorded_taps(classifier.encoder, args.taps) as taps,
-          recorded_taps(reference, args.taps if args.lam > 0 else []) as ref_taps, contextlib.closing(log)):
+    nhwc = channels_last(reference)
+    with (recorded_taps(classifier.encoder, args.taps, nhwc) as taps,
+          recorded_taps(reference, args.taps if args.lam > 0 else [], nhwc) as ref_taps,
+          contextlib.closing(log)):
         for step, (images, labels) in enumerate(loader, start_step):
             images = images.to(args.device, non_blocking=True)
             labels = labels.to(args.device, non_blocking=True)
@@ -780,7 +903,7 @@ def all_reduce_mean(tensor):
 
 # ----------------------------------------------------------------- checkpoints and resume
 
-RUN_CONFIG = ("task", "lam", "l2sp", "label_smoothing", "reference", "model", "pretrained", "head", "seed", "batch_size", "lr",
+RUN_CONFIG = ("task", "lam", "l2sp", "label_smoothing", "taps", "reference", "model", "pretrained", "head", "seed", "batch_size", "lr",
               "wd", "warmup", "grad_clip", "epochs", "total_steps")  # what a resumed run must share with its checkpoint
 
 
@@ -945,7 +1068,7 @@ def cached_features(encoder, data, key, args):
     """extract_features, memoised on disk under `key`; an entry that is unreadable or
     made for another key is recomputed, never trusted."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(args.cache_dir).expanduser() / f"{key['task']}-{key['split']}-{digest}.pt"
+    path = Path(args.cache_dir).expanduser() / f"{file_safe(key['task'])}-{key['split']}-{digest}.pt"
     with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
         entry = torch.load(path, map_location=args.device, weights_only=True)
         if entry["key"] == key and len(entry["x"]) == len(entry["y"]) == len(data):
@@ -988,7 +1111,7 @@ def evaluate_forgetting(reference, encoder, clip, transform, args):
     results = {}
     for name in args.eval_tasks:
         try:
-            results[name] = forgetting_on(TASKS[name], reference, encoder, clip, transform, args)
+            results[name] = forgetting_on(get_task(name), reference, encoder, clip, transform, args)
         except DataMissing as e:
             print(f"ldifs.py: warning: skipping eval task {name}: {e}", file=sys.stderr)
             results[name] = {"skipped": str(e)}
@@ -1027,7 +1150,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="eurosat", help="task to fine-tune on, or a comma-separated sequence "
-                   "for continual fine-tuning: " + ", ".join(TASKS))
+                   "for continual fine-tuning: " + ", ".join(TASKS) + ", or folder:PATH for your own "
+                   "images in PATH/{train,test}/<class>/ (ImageFolder layout, val/ optional)")
+    p.add_argument("--templates", help="a file of prompt templates, one a line with {} for the class, "
+                   "for the zero-shot heads of the --task tasks [the task's own; CLIP's photo "
+                   "templates for folder tasks]")
     p.add_argument("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0 is plain fine-tuning")
     p.add_argument("--l2sp", type=float, default=0.0, help="L2-SP baseline: add ALPHA * sum ||w - w0||^2 over "
                    "the image encoder (the release uses 0.5); adds to the LDIFS term, so use --lam 0 for pure L2-SP")
@@ -1039,6 +1166,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32; ldifs-tiny for synthetic]")
     p.add_argument("--pretrained", help="open_clip tag, checkpoint path, or 'none' for random init "
                    "[openai; none for synthetic]")
+    p.add_argument("--taps", help="comma-separated submodules of the image tower whose outputs "
+                   "LDIFS compares [the tower's default: see default_tap_names]")
     p.add_argument("--head", choices=["lp", "zs"], default="lp",
                    help="head init: lp = linear probe on frozen pre-trained features (the release), "
                    "zs = zero-shot text head")
@@ -1079,7 +1208,9 @@ def list_tasks(root):
     for t in TASKS.values():
         where = os.path.join(os.path.expanduser(root), t.layout) if t.layout else "(generated, no files)"
         fetch = "auto" if t.downloads else "manual" if t.layout else "-"
-        print(f"{t.name:10} {t.num_classes:>7} {len(t.templates):>9} {fetch:>8}  {where}")
+        print(f"{t.name:10} {t.num_classes:>7} {len(t.templates):>9} {fetch:>8}  {where}  "
+              f"[split: {t.split_rule}]")
+    print("folder:PATH: your own images in PATH/{train,test}/<class>/* (val/ optional)")
 
 
 DEFAULT_EVAL_TASKS = "cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat"  # what torchvision downloads
@@ -1089,11 +1220,7 @@ def parse_eval_tasks(value, target):
     """The eval tasks named in `value` ('a,b' or 'none'), without the target."""
     if value == "none":
         return []
-    names = [name for name in value.split(",") if name and name != target]
-    unknown = [name for name in names if name not in TASKS]
-    if unknown:
-        raise UsageError(f"unknown eval task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}, or 'none'")
-    return names
+    return [get_task(name).name for name in value.split(",") if name and name != target]
 
 
 RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
@@ -1102,13 +1229,12 @@ RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500
 def resolve_args(args):
     """Fill the unset flags from the (first) task's recipe, then check them; return the
     tasks to fine-tune on, in order."""
-    names = args.task.split(",")
-    unknown = [name for name in names if name not in TASKS]
-    if unknown:
-        raise UsageError(f"unknown task {', '.join(unknown)!r}; choose from {', '.join(TASKS)}")
+    tasks = [get_task(name) for name in args.task.split(",")]
+    if args.templates:
+        tasks = [dataclasses.replace(task, templates=read_templates(args.templates)) for task in tasks]
+    names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise UsageError(f"--task {args.task!r} repeats a task; a continual sequence visits each task once")
-    tasks = [TASKS[name] for name in names]
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None and key != "eval_tasks":
             setattr(args, key, value)
@@ -1116,11 +1242,27 @@ def resolve_args(args):
         args.pretrained = os.path.abspath(args.pretrained)
     eval_tasks = parse_eval_tasks(args.eval_tasks or tasks[0].recipe.get("eval_tasks", DEFAULT_EVAL_TASKS), None)
     args.eval_tasks = [name for name in eval_tasks if name not in names]
-    args.out = args.out or Path("runs") / f"{'+'.join(names)}-lam{args.lam:g}"
+    args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
     args.sequence = names
     args.device = pick_device(args.device)
     check_args(args)
     return tasks
+
+
+def read_templates(path):
+    """--templates FILE: one prompt template a line, each with {} for the class name."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UsageError(f"--templates {path}: {one_line(e)}") from e
+    if not lines or any("{}" not in line for line in lines):
+        raise UsageError(f"--templates {path}: need one template a line, each with {{}} for the class")
+    return tuple(lines)
+
+
+def stage_folder(k, name):
+    """Where stage k of a continual run writes, inside --out."""
+    return f"{k}-{file_safe(name)}"
 
 
 def pick_device(name):
@@ -1132,7 +1274,7 @@ def stage_args(args, k, task, continual):
     stage = copy.copy(args)
     stage.task, stage.stage = task.name, k
     stage.epochs = task.epochs if args.epochs is None else args.epochs
-    stage.out = args.out / f"{k}-{task.name}" if continual else args.out
+    stage.out = args.out / stage_folder(k, task.name) if continual else args.out
     return stage
 
 
@@ -1213,7 +1355,7 @@ def run(args):
     data = fetch_data(tasks, args)
     torch.manual_seed(args.seed)
     clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
-    args.taps = default_tap_names(clip.visual)
+    args.taps = tap_names(clip.visual, args.taps)
     pretrained = frozen_copy(clip.visual)
     continual, heads, matrix = len(tasks) > 1, {}, []
     for k, task in enumerate(tasks):
@@ -1339,7 +1481,7 @@ def main(argv=None):
     try:
         run(args)
     except UserError as e:
-        print(f"ldifs.py: error: {e}", file=sys.stderr)
+        print(f"ldifs.py: error: {user_message(e)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     finally:
         if torch.distributed.is_initialized():

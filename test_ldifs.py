@@ -1,8 +1,12 @@
 """Checks of ldifs.py on a tiny CLIP and synthetic images: offline, about a minute on 2 CPU cores."""
+import ast
 import copy
 import dataclasses
+import importlib.metadata
+import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +17,12 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from packaging.requirements import Requirement
 from PIL import Image
+from timm.models import register_model
+from timm.models.convnext import ConvNeXt
+from timm.models.vision_transformer import VisionTransformer
 
 import eval as evaluation
 import ldifs
@@ -584,9 +593,10 @@ def test_missing_data_is_one_line_naming_the_folder(tmp_path):
 def test_list_tasks_shows_every_task(capsys):
     code, out, _ = run_main(ldifs, ["--list-tasks", "--data-root", "/data"], capsys)
     assert code == 0
-    listed = {line.split()[0] for line in out.splitlines()[1:]}
+    listed = {line.split()[0] for line in out.splitlines()[1:-1]}
     assert listed == set(ldifs.TASKS)
-    assert "/data/eurosat/2750" in out
+    assert "/data/eurosat/2750" in out and "seeded 80/10/10" in out
+    assert out.splitlines()[-1].startswith("folder:PATH")
 
 
 # ------------------------------------------------------------------ evaluation
@@ -979,3 +989,323 @@ def test_lp_init_after_the_first_stage_never_reads_the_pretrained_feature_cache(
     code, _, err = run_main(ldifs, flags, capsys)
     assert code == 0, err
     assert caches == [True, False]  # the cache is keyed by the pre-trained weights
+
+
+# ------------------------------------------------------------------ every eval task installs
+
+TASK_SOURCES = {"cars": "StanfordCars", "cifar10": "CIFAR10", "cifar100": "CIFAR100", "dtd": "DTD",
+                "eurosat": "EuroSAT", "gtsrb": "GTSRB", "imagenet": "ImageFolder", "mnist": "MNIST",
+                "resisc45": "ImageFolder", "sun397": "SUN397", "svhn": "SVHN"}
+
+
+def canonical(distribution):
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def requirements_closure():
+    """The distributions that `pip install -r requirements.txt` installs."""
+    todo = [line.split("==")[0] for line in (HERE / "requirements.txt").read_text().split()]
+    installed = set()
+    while todo:
+        name = canonical(todo.pop())
+        if name not in installed:
+            installed.add(name)
+            needs = map(Requirement, importlib.metadata.requires(name) or [])
+            todo += [r.name for r in needs if not r.marker or r.marker.evaluate({"extra": ""})]
+    return installed
+
+
+def test_requirements_install_every_package_a_task_loader_imports():
+    assert set(TASK_SOURCES) == {name for name in ldifs.TASKS if not name.startswith("synthetic")}
+    sources = [inspect.getsource(inspect.getmodule(getattr(torchvision.datasets, name)))
+               for name in set(TASK_SOURCES.values())] + [(HERE / "ldifs.py").read_text()]
+    imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for src in sources for node in ast.walk(ast.parse(src))
+                if isinstance(node, ast.Import) or isinstance(node, ast.ImportFrom) and not node.level
+                for alias in node.names}
+    imported = {name.split(".")[0] for name in imported}
+    providers = importlib.metadata.packages_distributions()
+    installed = requirements_closure()
+    assert "scipy" in imported  # SVHN and Cars read .mat files with it
+    opt_in = {"accimage"}  # torchvision imports it only when a user picks that image backend
+    for module in imported - set(sys.stdlib_module_names) - opt_in:
+        assert {canonical(d) for d in providers.get(module, [])} & installed, module
+
+
+# ------------------------------------------------------------------ folder:PATH tasks
+
+def make_folder(root, classes=("cat_a", "dog_b", "eel"), counts=None):
+    """An ImageFolder copy in real JPEGs: root/{train,test}/<class>/*.jpg, pixels coding labels."""
+    counts = counts or {"train": 20, "test": 4}
+    for split, n in counts.items():
+        for code, name in enumerate(classes):
+            for k in range(n):
+                fake_image(root / split / name / f"{k}.jpg", code)
+    return root
+
+
+def test_folder_task_reads_classes_labels_and_holds_out_val(tmp_path):
+    root = make_folder(tmp_path / "my data")
+    task = ldifs.get_task(f"folder:{root}")
+    assert task.classnames == ("cat a", "dog b", "eel") and task.epochs == 10
+    splits = assert_splits(task, tmp_path, {"train": 54, "val": 6, "test": 12})
+    assert not image_ids(splits["train"]) & image_ids(splits["val"])
+    make_folder(root, counts={"val": 2})
+    assert len(ldifs.get_dataset(ldifs.folder_task(f"folder:{root}"), "val", tmp_path)) == 6
+    assert len(ldifs.get_dataset(ldifs.folder_task(f"folder:{root}"), "train", tmp_path)) == 60
+
+
+def test_folder_task_test_labels_follow_train_classes(tmp_path):
+    root = make_folder(tmp_path / "d", counts={"train": 10})
+    fake_image(root / "test/eel/0.jpg", 2)  # test lacks cat_a and dog_b: eel is still label 2
+    assert decoded_labels(ldifs.get_dataset(f"folder:{root}", "test", tmp_path)) == [(2, 2)]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train": 0}, "no test/ folder"),
+    ({"test": 0}, "no train/ folder"),
+    ({}, "no train/ or test/ folder"),
+    ({"train": 2, "test": 2, "test/zebra": 0}, "class 'zebra' is in test/ but not in train/"),
+    ({"train": 2, "test": 2, "train/empty": 0}, "holds no images"),
+    ({"train": -1, "test": -1}, "no images"),
+])
+def test_folder_task_bad_layouts_are_one_line_and_write_nothing(tmp_path, layout, message):
+    root = tmp_path / "data"
+    root.mkdir()
+    for split, n in layout.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        if n > 0:
+            make_folder(root, counts={split: n})
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    result = run_cli("--task", f"folder:{root}", "--out", str(out), "--cache-dir", str(cache))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() and not cache.exists()
+
+
+@pytest.mark.parametrize("path", ["..", "/", "a b/../c d", "x/y"])
+def test_task_paths_never_reach_file_names_raw(tmp_path, path):
+    name = f"folder:{Path(path).resolve()}"
+    safe = ldifs.file_safe(name)
+    assert re.fullmatch(r"folder-[\w.-]+-[0-9a-f]{8}", safe) and ".." not in safe
+    assert ldifs.stage_folder(1, name) == f"1-{safe}"
+    assert ldifs.file_safe("eurosat") == "eurosat"
+
+
+FOLDER_FLAGS = ["--model", ldifs.TINY_CLIP, "--pretrained", "none", "--lr", "1e-3", "--warmup", "2",
+                "--batch-size", "16", "--workers", "0"]
+
+
+def test_folder_task_fine_tunes_and_reports_forgetting_on_another_folder(tmp_path, capsys, monkeypatch):
+    prompts, real = [], ldifs.zero_shot_head
+    monkeypatch.setattr(ldifs, "zero_shot_head", lambda clip, tok, names, templates, device:
+                        prompts.append(templates) or real(clip, tok, names, templates, device))
+    a, b = make_folder(tmp_path / "a b"), make_folder(tmp_path / "b", classes=("x", "y"))
+    (tmp_path / "t.txt").write_text("a drawing of a {}.\nan icon of the {}.\n")
+    flags = ["--task", f"folder:{a}", "--eval-tasks", f"folder:{b}", "--max-steps", "3",
+             "--templates", str(tmp_path / "t.txt"), "--head", "zs", "--cache-dir", str(tmp_path / "c")]
+    os.chdir(tmp_path)
+    code, out, err = run_main(ldifs, flags + FOLDER_FLAGS, capsys)
+    os.chdir(HERE)
+    assert code == 0, err
+    run = tmp_path / "runs" / f"{ldifs.file_safe(f'folder:{a}')}-lam10"
+    assert run.name.startswith("folder-a_b-")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == f"folder:{a}" and f"| folder:{b} |" in out
+    assert "delta_lp" in metrics["forgetting"][f"folder:{b}"]
+    assert all(p.name.startswith("folder-b-") for p in (tmp_path / "c").iterdir())
+    assert prompts[0] == ("a drawing of a {}.", "an icon of the {}.")  # --templates, for the target
+    assert prompts[1] == ldifs.PHOTO_TEMPLATES  # the eval folder keeps CLIP's photo templates
+
+
+def test_folder_tasks_in_a_sequence_and_in_eval_py(tmp_path, capsys):
+    a, b, c = (make_folder(tmp_path / n, counts={"train": 10, "test": 2}) for n in ("a", "b", "c"))
+    out = tmp_path / "seq"
+    flags = ["--task", f"folder:{a},folder:{b}", "--eval-tasks", "none", "--max-steps", "2", "--head", "zs",
+             "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    code, _, err = run_main(ldifs, flags + FOLDER_FLAGS, capsys)
+    assert code == 0, err
+    assert (out / ldifs.stage_folder(1, f"folder:{b}") / "head.pt").exists()
+    code, table, err = run_main(evaluation, [str(out), "--tasks", f"folder:{c}", "--workers", "0",
+                                            "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    assert f"A_LP folder:{c}" in table and "continual" in table
+
+
+def test_undecodable_image_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
+    root = make_folder(tmp_path / "d", counts={"train": 30, "test": 2})
+    out = tmp_path / "out"
+    command = [sys.executable, str(HERE / "ldifs.py"), "--task", f"folder:{root}", "--max-steps", "60",
+               "--save-every", "1", "--eval-tasks", "none", "--head", "zs", "--out", str(out),
+               *FOLDER_FLAGS[:-2], "--workers", "2"]
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    for image in (root / "train").rglob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.strip() and not line.startswith("train folder:")]
+    assert len(errors) == 1 and "cannot decode image" in errors[0] and str(root / "train") in errors[0], err
+    assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 60
+
+
+def test_templates_file_is_checked(tmp_path):
+    (tmp_path / "bad.txt").write_text("no placeholder here\n")
+    with pytest.raises(ldifs.UsageError, match="with \\{\\}"):
+        ldifs.read_templates(tmp_path / "bad.txt")
+    with pytest.raises(ldifs.UsageError, match="--templates"):
+        ldifs.read_templates(tmp_path / "missing.txt")
+
+
+# ------------------------------------------------------------------ taps on every open_clip tower
+
+def distinct_towers():
+    towers = {}
+    for name in open_clip.list_models():
+        if name.startswith("ldifs-"):  # the tiny models these tests register
+            continue
+        config = open_clip.get_model_config(name)
+        towers.setdefault(json.dumps(config["vision_cfg"], sort_keys=True),
+                          (name, config["embed_dim"], config["vision_cfg"]))
+    return list(towers.values())
+
+
+def test_default_taps_for_every_open_clip_image_tower():
+    towers = distinct_towers()
+    assert len(towers) == 98  # open_clip 3.3.0's distinct image towers
+    for name, embed_dim, vision_cfg in towers:
+        size = vision_cfg.get("image_size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        with torch.device("meta"):  # no memory, no weights
+            tower = open_clip.model._build_vision_tower(embed_dim, vision_cfg)
+            names = ldifs.default_tap_names(tower)
+            with ldifs.recorded_taps(tower, names, ldifs.channels_last(tower)) as taps:
+                tower(torch.empty(2, 3, *size))
+        assert len(names) >= 5 and all(t is not None for t in taps.values()), name  # MCi3/4: 5 stages
+        for tap, t in taps.items():
+            assert t.shape[0] == 2 and t.dim() in (3, 4), (name, tap, t.shape)
+            if t.dim() == 4:  # (B, C, H, W): the spatial dims are last
+                assert size[0] % t.shape[2] == 0 and size[1] % t.shape[3] == 0, (name, tap, t.shape)
+
+
+def test_recorded_taps_take_the_first_tensor_of_a_tuple_output():
+    class HuggingFaceStyleLayer(torch.nn.Module):
+        def forward(self, x):
+            return (2 * x, "attention weights")
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = HuggingFaceStyleLayer()
+
+        def forward(self, x):
+            return self.layer(x)[0]
+
+    x = torch.randn(2, 3, 4)
+    with ldifs.recorded_taps(Encoder(), ["layer"]) as taps:
+        Encoder.forward(Encoder(), x)
+    encoder = Encoder()
+    with ldifs.recorded_taps(encoder, ["layer"]) as taps:
+        encoder(x)
+    assert torch.equal(taps["layer"], 2 * x)
+
+
+def test_unsupported_tower_names_taps_flag_and_its_submodules():
+    tower = torch.nn.Sequential()
+    tower.add_module("features", torch.nn.Conv2d(3, 4, 3))
+    tower.add_module("pool", torch.nn.AdaptiveAvgPool2d(1))
+    with pytest.raises(ldifs.UsageError) as error:
+        ldifs.default_tap_names(tower)
+    assert "--taps" in str(error.value) and "features, pool" in str(error.value)
+    assert ldifs.tap_names(tower, "features") == ["features"]
+    with pytest.raises(ldifs.UsageError, match="no submodule 'nope'"):
+        ldifs.tap_names(tower, "features,nope")
+
+
+def model_kwargs(kwargs):
+    """What timm.create_model passes on, less its pretrained-weights bookkeeping."""
+    return {k: v for k, v in kwargs.items() if not k.startswith("pretrained_cfg") and k != "cache_dir"}
+
+
+def with_cfg(model):
+    model.pretrained_cfg = model.default_cfg = {}  # open_clip reads it; timm sets it for its own
+    return model
+
+
+@register_model
+def ldifs_tiny_vit(pretrained=False, **kwargs):
+    return with_cfg(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                                      **model_kwargs(kwargs)))
+
+
+@register_model
+def ldifs_tiny_convnext(pretrained=False, **kwargs):
+    return with_cfg(ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), **model_kwargs(kwargs)))
+
+
+def register_timm_clip(tmp_path, trunk):
+    name = f"ldifs-tiny-{trunk}"
+    config = {**ldifs.TINY_CLIP_CONFIG, "vision_cfg": {
+        "timm_model_name": f"ldifs_tiny_{trunk}", "timm_model_pretrained": False, "image_size": 32}}
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    return name
+
+
+@pytest.mark.parametrize("trunk, expected", [
+    ("vit", ["trunk.norm_pre"] + [f"trunk.blocks.{i}" for i in range(4)]),
+    ("convnext", ["trunk.stem"] + [f"trunk.stages.{i}" for i in range(4)]),
+])
+def test_timm_towers_train_with_ldifs_on_their_trunk(tmp_path, capsys, trunk, expected):
+    model = register_timm_clip(tmp_path, trunk)
+    out = tmp_path / "run"
+    code, _, err = run_main(ldifs, ["--task", "synthetic", "--model", model, "--head", "zs", "--max-steps", "6",
+                                    "--log-every", "1", "--eval-tasks", "none", "--workers", "0",
+                                    "--out", str(out)], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["taps"] == expected
+    distances = [r["ldifs_distance"] for r in (json.loads(line) for line in (out / "log.jsonl").open())]
+    assert distances[0] < 1e-9 and distances[-1] > 100 * max(distances[0], 1e-12)
+    visual = open_clip.create_model(model).visual
+    with ldifs.recorded_taps(visual, expected) as taps:
+        visual(torch.randn(3, 3, 32, 32))
+    assert all(t.shape[0] == 3 for t in taps.values())
+    assert [t.dim() for t in taps.values()] == ([3] * 5 if trunk == "vit" else [4] * 5)
+
+
+def test_taps_flag_is_recorded_and_a_resume_with_other_taps_is_refused(tmp_path, capsys):
+    flags = RESUME_FLAGS + ["--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
+    taps = "ln_pre,transformer.resblocks.3"
+    assert run_main(ldifs, flags + ["--taps", taps], capsys)[0] == 0
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["taps"] == taps.split(",")
+    code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
+    assert code == 2 and "--taps" in err
+
+
+# ------------------------------------------------------------------ the accuracy-forgetting picture
+
+def test_eval_plots_target_accuracy_against_forgetting(two_runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    root, _ = two_runs
+    png = tmp_path / "tradeoff.png"
+    result = run_cli(str(root / "lam0"), str(root / "lam10"), "--wise-ft", "0.5", "--workers", "0",
+                     "--cache-dir", str(root / "cache"), "--plot", str(png), "--json",
+                     str(tmp_path / "e.json"), script="eval.py")
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    starts = [r for r in rows if r.get("alpha") == 0.0]  # each curve starts at the pre-trained point
+    assert len(starts) == 2 and all(r["a_lp"] == rows[0]["a_lp"] for r in starts)
+
+
+def test_plot_without_matplotlib_is_one_line(two_runs, tmp_path, capsys, monkeypatch):
+    root, _ = two_runs
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    code, _, err = run_main(evaluation, [str(root / "lam0"), "--plot", str(tmp_path / "p.png")], capsys)
+    assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.png").exists()
