@@ -5,6 +5,7 @@ import dataclasses
 import importlib.metadata
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -42,11 +43,12 @@ def tiny_setup(tmp_path, *flags, steps=8):
     args = tiny_args(tmp_path, "--head", "zs", *flags)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    clip, train_tf, _ = ldifs.load_clip(args.model, args.pretrained)
+    clip, train_tf, _ = ldifs.load_clip(args.model, args.pretrained, args.device)
     args.total_steps, args.taps, args.log_every = steps, ldifs.default_tap_names(clip.visual), 1
     reference = ldifs.frozen_copy(clip.visual)
     task = ldifs.TASKS["synthetic"]
-    head = ldifs.zero_shot_head(clip, open_clip.get_tokenizer(args.model), task.classnames, task.templates, "cpu")
+    tokenizer = open_clip.get_tokenizer(args.model)
+    head = ldifs.zero_shot_head(clip, tokenizer, task.classnames, task.templates, args.device)
     classifier = ldifs.ImageClassifier(clip.visual, head)
     data = ldifs.Augmented(ldifs.get_dataset("synthetic", "train", args.data_root), train_tf, args.seed)
     return args, classifier, reference, data
@@ -859,42 +861,160 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert json.loads((tmp_path / "two/metrics.json").read_text())["world_size"] == 2
 
 
-def bare_loop_images_per_second(model, batch_size, steps=12):
+def bare_loop_images_per_second(model, batch_size, device, steps=12):
     """Forward, backward and AdamW step of the open_clip visual tower and a linear head on
-    one in-memory batch: the floor that ldifs.py's lam-0 loop is compared against."""
-    clip, _, _ = ldifs.load_clip(model, "none")
-    classifier = ldifs.ImageClassifier(clip.visual, torch.nn.Linear(clip.visual.output_dim, 6, bias=False))
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-5, weight_decay=0.1)
-    size = clip.visual.image_size
-    images, labels = torch.randn(batch_size, 3, *size), torch.randint(6, (batch_size,))
+    one in-memory batch, in bf16 with fused AdamW on CUDA: the floor that ldifs.py's lam-0
+    loop is compared against."""
+    clip, _, _ = ldifs.load_clip(model, "none", device)
+    classifier = ldifs.ImageClassifier(clip.visual, torch.nn.Linear(clip.visual.output_dim, 6, device=device))
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-5, weight_decay=0.1,
+                                  fused=device.type == "cuda")
+    images = torch.randn(batch_size, 3, *clip.visual.image_size, device=device)
+    labels = torch.randint(6, (batch_size,), device=device)
     for step in range(steps):
         if step == 2:
-            start = time.perf_counter()
-        loss = F.cross_entropy(classifier(images), labels)
+            start = ldifs.sync_time(device)
+        with ldifs.autocast(device):
+            loss = F.cross_entropy(classifier(images), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (steps - 2) * batch_size / (time.perf_counter() - start)
+    return (steps - 2) * batch_size / (ldifs.sync_time(device) - start)
+
+
+def eurosat_like_folder(root, classes=10, per_class=100):
+    """Real-format JPEGs of EuroSAT's size (64 px) in an on-disk ImageFolder."""
+    g = torch.Generator().manual_seed(0)
+    for c in range(classes):
+        for k in range(per_class):
+            pixels = torch.randint(256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()
+            (root / "train" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / "train" / f"c{c}" / f"{k}.jpg", quality=90)
+    return root
+
+
+def loader_images_per_second(data, transform, batch_size, workers, steps):
+    """Decoding and augmenting images alone, as the training loop's loader does."""
+    train = ldifs.Augmented(data, transform, seed=0)
+    batches = ldifs.step_batches(len(train), batch_size, 0, 0, steps)
+    loader = torch.utils.data.DataLoader(train, batch_sampler=batches, num_workers=workers)
+    for step, _ in enumerate(loader):
+        if step == 2:
+            start = time.perf_counter()
+    return (steps - 3) * batch_size / (time.perf_counter() - start)
+
+
+def features_images_per_second(model, data, transform, args):
+    clip, _, _ = ldifs.load_clip(model, "none", args.device)
+    start = ldifs.sync_time(args.device)
+    ldifs.extract_features(clip.visual, ldifs.Transformed(data, transform), args)
+    return len(data) / (ldifs.sync_time(args.device) - start)
 
 
 @bench
 def test_bench_ldifs_overhead_loop_efficiency_and_memory(tmp_path):
-    flags = ["--task", "synthetic", "--model", "ViT-S-32", "--pretrained", "none", "--head", "zs",
-             "--batch-size", "16", "--max-steps", "12", "--eval-tasks", "none", "--workers", "1"]
+    device = ldifs.pick_device(None)
+    cuda = device.type == "cuda"  # ViT-B/32 at the release's batch on a GPU; a small ViT on CPUs
+    model, batch, steps = ("ViT-B-32", 128, 40) if cuda else ("ViT-S-32", 16, 12)
+    flags = ["--task", "synthetic", "--model", model, "--pretrained", "none", "--head", "zs",
+             "--batch-size", str(batch), "--max-steps", str(steps), "--eval-tasks", "none"]
+    flags += [] if cuda else ["--workers", "1"]
     runs = {"0": [], "10": []}
     for repeat in range(3):  # alternate, so drifts in machine load hit both alike
         for lam in runs:
             out = tmp_path / f"lam{lam}-{repeat}"
-            assert run_cli(*flags, "--lam", lam, "--out", str(out)).returncode == 0
+            result = run_cli(*flags, "--lam", lam, "--out", str(out))
+            assert result.returncode == 0, result.stderr
             runs[lam].append(json.loads((out / "metrics.json").read_text()))
-    bare = bare_loop_images_per_second("ViT-S-32", 16)
     median = lambda xs: sorted(xs)[len(xs) // 2]
-    ft, ldifs_rate = (median([m["train_images_per_second"] for m in runs[lam]]) for lam in ("0", "10"))
-    memory = [m["peak_memory_mb"] for m in runs["10"]][0] / [m["peak_memory_mb"] for m in runs["0"]][0]
-    print(f"\nFT {ft:.1f} images/s, LDIFS {ldifs_rate:.1f} images/s, LDIFS/FT {ldifs_rate / ft:.2f} "
-          f"(each the median of 3); bare loop {bare:.1f} images/s, FT/bare {ft / bare:.2f}; "
-          f"peak memory LDIFS/FT {memory:.2f} ({runs['10'][0]['peak_memory_mb']:.0f} / "
-          f"{runs['0'][0]['peak_memory_mb']:.0f} MB)")
+    ft, ld = (median([m["train_images_per_second"] for m in runs[lam]]) for lam in ("0", "10"))
+    memory = [median([m["peak_memory_mb"] for m in runs[lam]]) for lam in ("0", "10")]
+    bare = bare_loop_images_per_second(model, batch, device)
+    _, train_tf, eval_tf = ldifs.load_clip(model, "none")
+    folder = ldifs.Samples(ldifs.folder_samples(eurosat_like_folder(tmp_path / "eurosat") / "train",
+                                                [f"c{c}" for c in range(10)]))
+    loader = loader_images_per_second(folder, train_tf, batch, ldifs.WORKERS, 1000 // batch)
+    args = tiny_args(tmp_path, "--device", str(device), "--workers", str(ldifs.WORKERS))
+    features = features_images_per_second(model, folder, eval_tf, args)
+    table = "\n".join([
+        f"| figure ({torch.cuda.get_device_name() if cuda else 'CPU'}, {model}, batch {batch}) | value |",
+        "|---|---:|",
+        f"| FT (lam 0) training images/s, median of 3 | {ft:.1f} |",
+        f"| LDIFS (lam 10) training images/s, median of 3 | {ld:.1f} |",
+        f"| **LDIFS / FT throughput** | **{ld / ft:.2f}** |",
+        f"| bare {'bf16 ' if cuda else ''}loop images/s | {bare:.1f} |",
+        f"| **in-file loop (FT) / bare loop** | **{ft / bare:.2f}** |",
+        f"| peak memory FT / LDIFS (MB) | {memory[0]:.0f} / {memory[1]:.0f} |",
+        f"| **peak memory LDIFS / FT** | **{memory[1] / memory[0]:.2f}** |",
+        f"| loader alone: 64 px JPEGs decoded and augmented, {ldifs.WORKERS} workers, images/s | {loader:.1f} |",
+        f"| feature extraction (fp32, 64 px JPEGs, {ldifs.WORKERS} workers), images/s | {features:.1f} |",
+    ])
+    print("\n" + table)
+    if os.environ.get("LDIFS_BENCH_OUT"):
+        Path(os.environ["LDIFS_BENCH_OUT"]).write_text(table + "\n")
+
+
+# ------------------------------------------------------------------ the CUDA path (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_cuda_bf16_steps_stay_finite_reference_gets_no_gradient_and_memory_is_cudas(tmp_path):
+    args, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=6)
+    torch.cuda.reset_peak_memory_stats()
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    metrics = fit(args, classifier, reference, data)
+    log = read_log(args)
+    assert all(math.isfinite(r["loss/ce"]) and math.isfinite(r["ldifs_distance"]) for r in log)
+    assert log[-1]["ldifs_distance"] > 0
+    assert all(p.grad is None for p in reference.parameters())
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert metrics["peak_memory_mb"] == pytest.approx(torch.cuda.max_memory_allocated() / 2**20)
+
+
+@cuda
+def test_cuda_distance_is_accumulated_in_fp32_under_bf16_autocast(tmp_path):
+    args, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=1)
+    images = torch.stack([data[i][0] for i in range(16)]).cuda()
+    labels = torch.tensor([data[i][1] for i in range(16)]).cuda()
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
+    with ldifs.autocast(args.device):  # move the encoder away from the reference first
+        F.cross_entropy(classifier(images), labels).backward()
+    optimizer.step()
+    with (ldifs.recorded_taps(classifier.encoder, args.taps) as taps,
+          ldifs.recorded_taps(reference, args.taps) as ref_taps, ldifs.autocast(args.device)):
+        _, distance = ldifs.ldifs_loss(classifier, reference, taps, ref_taps, images, labels, 10.0)
+    assert distance.dtype == torch.float32
+    exact = ldifs.ldifs_distance([t.double().cpu() for t in taps.values()],
+                                 [t.double().cpu() for t in ref_taps.values()])
+    assert distance.item() == pytest.approx(exact.item(), rel=1e-3)
+    low = [t.bfloat16() for t in taps.values()], [t.bfloat16() for t in ref_taps.values()]
+    with ldifs.autocast(args.device):  # bf16 taps, as other towers may give, sum in fp32
+        assert ldifs.ldifs_distance(*low).dtype == torch.float32
+
+
+@cuda
+def test_cuda_kill_and_resume_ends_near_an_unbroken_run(tmp_path):
+    # bf16 autocast and cuDNN/cuBLAS kernels are not bitwise reproducible across processes in
+    # general; the tolerance is the relative L2 distance of all weights.
+    flags = [*RESUME_FLAGS, "--device", "cuda", "--workers", "0"]
+    unbroken = run_cli(*flags, "--out", str(tmp_path / "unbroken"))
+    assert unbroken.returncode == 0, unbroken.stderr
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(HERE / "ldifs.py"), *flags, "--out", str(killed)],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=HERE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    resumed = run_cli(*flags, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (torch.load(d / "open_clip_pytorch_model.bin", weights_only=True) for d in (tmp_path / "unbroken", killed))
+    difference = sum((a[k].float() - b[k].float()).norm() ** 2 for k in a) ** 0.5
+    assert difference / sum(a[k].float().norm() ** 2 for k in a) ** 0.5 < 1e-3
 
 
 # ------------------------------------------------------------------ continual fine-tuning and L2-SP
