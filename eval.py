@@ -1,14 +1,15 @@
 """Compare saved ldifs.py runs for concept forgetting, as the paper's tables do.
 
     python eval.py runs/eurosat-lam0 runs/eurosat-lam10
-    python eval.py RUN [RUN ...] [--tasks a,b,...] [--wise-ft 0.25,0.5,0.75] [--json PATH]
+    python eval.py RUN [RUN ...] [--tasks a,b] [--wise-ft 0.25,0.5,0.75] [--json F] [--plot F.png]
 
-Rows: the pre-trained model the runs started from, each run, and each run's WiSE-FT
-mixes ((1 - alpha) * pre-trained + alpha * fine-tuned image encoder and head).
-Columns: the run's own test accuracy on its target task, the linear-probe accuracy
-A_LP on every eval task, Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages.
-Runs may have different target tasks, but must share the model and pre-trained weights.
+Rows: the pre-trained model the runs started from, each run, and each run's WiSE-FT mixes
+((1 - alpha) * pre-trained + alpha * fine-tuned image encoder and head). Columns: the run's
+own test accuracy on its target task, the linear-probe accuracy A_LP on every eval task,
+Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages. Runs may have different target
+tasks, but must share the model and pre-trained weights.
 """
+
 import argparse
 import copy
 import json
@@ -22,48 +23,50 @@ import ldifs
 
 
 def parse_args(argv=None):
-    p = ldifs.ArgumentParser(description=__doc__.split("\n\n")[0],
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
-    p.add_argument("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
-    p.add_argument("--wise-ft", default="", help="comma-separated WiSE-FT mixing weights alpha, e.g. 0.5")
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--plot", type=Path, help="also draw target accuracy against forgetting, one "
-                   "point per run and its WiSE-FT curve from the pre-trained point, to this PNG "
-                   "(needs matplotlib)")
-    p.add_argument("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp",
-                   help="the plot's x axis: average Δ_LP or average A_LP over the eval tasks")
-    p.add_argument("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
-    p.add_argument("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")
-    p.add_argument("--no-download", dest="download", action="store_false", help="never download data")
-    p.add_argument("--device", help="torch device [cuda if available, else cpu]")
-    p.add_argument("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")
-    p.add_argument("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
+    about = __doc__.split("\n\n")[0]
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = ldifs.ArgumentParser(description=about, formatter_class=formatter)
+    add = p.add_argument
+    add("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
+    add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
+    add("--wise-ft", default="", help="comma-separated WiSE-FT mixing weights alpha, e.g. 0.5")
+    add("--json", type=Path, help="also write the results here")
+    add("--plot", type=Path, help="also draw target accuracy against forgetting to this PNG")
+    add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
+    add("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
+    add("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")
+    add("--no-download", dest="download", action="store_false", help="never download data")
+    add("--device", type=ldifs.pick_device, default="", help="torch device [cuda if available]")
+    add("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")
+    add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     return p.parse_args(argv)
 
 
 def load_run(path):
-    """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run.
-    A continual run's folder stands for its last stage."""
+    """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run. A
+    continual run's folder stands for its last stage."""
     if not (path / "metrics.json").is_file():
         raise ldifs.UsageError(f"{path} is not a run directory of ldifs.py (no metrics.json)")
     summary = json.loads((path / "metrics.json").read_text())
     if "accuracy_matrix" in summary:
         path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])
     try:
-        return {"path": path, "metrics": json.loads((path / "metrics.json").read_text()),
-                "weights": torch.load(path / "open_clip_pytorch_model.bin", map_location="cpu", weights_only=True),
-                "head": torch.load(path / "head.pt", map_location="cpu", weights_only=True)}
+        load = lambda name: torch.load(path / name, map_location="cpu", weights_only=True)  # noqa: E731
+        metrics = json.loads((path / "metrics.json").read_text())
+        weights, head = load("open_clip_pytorch_model.bin"), load("head.pt")
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
+    return {"path": path, "metrics": metrics, "weights": weights, "head": head}
 
 
 def check_same_start(runs):
     starts = {(r["metrics"]["model"], r["metrics"]["pretrained"]) for r in runs}
     if len(starts) > 1:
-        raise ldifs.UsageError("runs start from different models or weights "
-                               f"({'; '.join(f'{m} / {p}' for m, p in sorted(starts))}); "
-                               "compare runs of one pre-trained model per call")
+        both = "; ".join(f"{m} / {p}" for m, p in sorted(starts))
+        raise ldifs.UsageError(
+            f"runs start from different models or weights ({both}); "
+            "compare runs of one pre-trained model per call"
+        )
     return starts.pop()
 
 
@@ -71,51 +74,38 @@ def method_label(metrics):
     """FT, LDIFS, L2-SP or LS (label smoothing), as the paper names them; the head init when
     it is not LP-init; and, for a stage of a continual run, the sequence up to it."""
     lam, alpha, eps = metrics["lam"], metrics.get("l2sp", 0), metrics.get("label_smoothing", 0)
-    methods = ([f"LDIFS (lam {lam:g})"] if lam else []) + ([f"L2-SP (alpha {alpha:g})"] if alpha else []) + \
-        ([f"LS (eps {eps:g})"] if eps else [])
-    label = " + ".join(methods) or "FT"
+    methods = [f"LDIFS (lam {lam:g})"] * bool(lam) + [f"L2-SP (alpha {alpha:g})"] * bool(alpha)
+    label = " + ".join(methods + [f"LS (eps {eps:g})"] * bool(eps)) or "FT"
     if metrics.get("head") == "zs":
         label += ", ZS-init"
     sequence = metrics.get("sequence") or []
     if len(sequence) > 1:
-        label += f", continual {' > '.join(sequence[:metrics['stage'] + 1])}"
+        label += f", continual {' > '.join(sequence[: metrics['stage'] + 1])}"
     return label
-
-
-def visual_weights(clip_state_dict):
-    return {k[len("visual."):]: v for k, v in clip_state_dict.items() if k.startswith("visual.")}
 
 
 def wise_ft(pretrained, finetuned, alpha):
     """WiSE-FT: (1 - alpha) * pretrained + alpha * finetuned, tensor by tensor."""
-    return {k: torch.lerp(pretrained[k].float(), finetuned[k].float(), alpha).to(pretrained[k].dtype)
-            for k in pretrained}
+    mix = lambda k: torch.lerp(pretrained[k].float(), finetuned[k].float(), alpha)  # noqa: E731
+    return {k: mix(k).to(pretrained[k].dtype) for k in pretrained}
 
 
-def encoder_with(template, weights, device):
-    encoder = copy.deepcopy(template)
-    encoder.load_state_dict(weights)
-    return encoder.to(device).eval()
-
-
-def target_accuracy(encoder, head, task, transform, args):
-    test = ldifs.get_dataset(task, "test", args.data_root, transform, args.download)
-    return ldifs.probe_accuracy(head.to(args.device), *ldifs.extract_features(encoder, test, args))
-
-
-def probe_row(encoder, tasks, transform, args, cache=False):
-    """{task: A_LP} of the encoder."""
+def probe_row(encoder, tasks, transform, args, weights=None):
+    """{task: A_LP} of the encoder; features cached under `weights` when given."""
     row = {}
     for name in tasks:
-        f = ldifs.task_features(encoder, ldifs.get_task(name), transform, args, cache=cache)
+        f = ldifs.task_features(encoder, ldifs.get_task(name), transform, args, weights)
         row[name] = ldifs.linear_probe(*f["train"], *f["test"], val=f["val"])
     return row
 
 
-def available_tasks(tasks, args):
-    """The tasks whose data can be had; a missing one is skipped with a warning."""
+def eval_tasks(runs, args):
+    """--tasks, or the tasks the runs were evaluated on; a missing one is skipped with a
+    warning."""
+    recorded = [t for r in runs for t in r["metrics"].get("eval_tasks", [])]
+    names = ldifs.parse_eval_tasks(args.tasks or ",".join(recorded) or ldifs.DEFAULT_EVAL_TASKS)
     kept = []
-    for name in tasks:
+    for name in dict.fromkeys(names):
         try:
             ldifs.get_dataset(name, "test", args.data_root, download=args.download)
             kept.append(name)
@@ -124,69 +114,89 @@ def available_tasks(tasks, args):
     return kept
 
 
-def rows_for_run(run, pre_visual, template, transform, tasks, alphas, baseline, args):
-    metrics, head = run["metrics"], run["head"]
+def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
+    """The run's row and one per WiSE-FT mix: target accuracy with the mixed head, A_LP."""
+    metrics, head, rows = run["metrics"], run["head"], []
     label = f"{metrics['task']} {method_label(metrics)}"
-    mixes = [(1.0, label)] + [(a, f"  WiSE-FT alpha {a:g} of {label}") for a in alphas]
-    rows = []
-    for alpha, name in mixes:
-        encoder = encoder_with(template, wise_ft(pre_visual, visual_weights(run["weights"]), alpha), args.device)
-        mixed = ldifs.linear_head(*(torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")))
-        rows.append({"label": name, "run": str(run["path"]), "task": metrics["task"], "lam": metrics["lam"],
-                     "alpha": alpha,
-                     "target_accuracy": target_accuracy(encoder, mixed, metrics["task"], transform, args),
-                     # alpha 0 is the pre-trained encoder: its A_LP is the baseline's
-                     "a_lp": baseline if alpha == 0 else probe_row(encoder, tasks, transform, args)})
+    test = ldifs.get_dataset(metrics["task"], "test", args.data_root, transform, args.download)
+    finetuned = {
+        k[len("visual.") :]: v for k, v in run["weights"].items() if k.startswith("visual.")
+    }
+    for alpha in [1.0, *alphas]:
+        encoder = copy.deepcopy(pretrained)
+        encoder.load_state_dict(wise_ft(pretrained.state_dict(), finetuned, alpha))
+        mixed = [torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")]
+        accuracy = ldifs.probe_accuracy(
+            ldifs.linear_head(*mixed).to(args.device), *ldifs.extract_features(encoder, test, args)
+        )
+        # alpha 0 is the pre-trained encoder: its A_LP is the baseline's
+        a_lp = baseline if alpha == 0 else probe_row(encoder, tasks, transform, args)
+        name = label if alpha == 1.0 and not rows else f"  WiSE-FT alpha {alpha:g} of {label}"
+        rows.append(
+            dict(
+                label=name,
+                run=str(run["path"]),
+                task=metrics["task"],
+                lam=metrics["lam"],
+                alpha=alpha,
+                target_accuracy=accuracy,
+                a_lp=a_lp,
+            )
+        )
     return rows
 
 
 def add_deltas(rows, baseline):
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     for row in rows:
         row["delta_lp"] = {t: row["a_lp"][t] - baseline[t] for t in baseline}
-        mean = lambda values: sum(values) / len(values) if values else None
-        row["avg_a_lp"], row["avg_delta_lp"] = mean(list(row["a_lp"].values())), mean(list(row["delta_lp"].values()))
+        row["avg_a_lp"], row["avg_delta_lp"] = (
+            mean([*row["a_lp"].values()]),
+            mean([*row["delta_lp"].values()]),
+        )
 
 
 def markdown(rows, tasks):
-    pct = lambda v, signed=False: "-" if v is None else f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
-    head = ["model", "target acc"] + [f"A_LP {t}" for t in tasks] + [f"Δ_LP {t}" for t in tasks] + \
-        ["avg A_LP", "avg Δ_LP"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    pct = lambda v, sign="": "-" if v is None else f"{100 * v:{sign}.1f}"  # noqa: E731
+    head = ["model", "target acc", *(f"A_LP {t}" for t in tasks), *(f"Δ_LP {t}" for t in tasks)]
+    lines = [
+        "| " + " | ".join(head + ["avg A_LP", "avg Δ_LP"]) + " |",
+        "|---|" + "---:|" * (len(head) + 1),
+    ]
     for i, r in enumerate(rows):
-        pre = i == 0
-        cells = [r["label"], pct(r["target_accuracy"])] + [pct(r["a_lp"][t]) for t in tasks] + \
-            [pct(None if pre else r["delta_lp"][t], True) for t in tasks] + \
-            [pct(r["avg_a_lp"]), pct(None if pre else r["avg_delta_lp"], True)]
-        lines.append("| " + " | ".join(cells) + " |")
+        deltas = (
+            [None] * (len(tasks) + 1) if i == 0 else [*r["delta_lp"].values(), r["avg_delta_lp"]]
+        )
+        cells = [pct(r["target_accuracy"]), *(pct(r["a_lp"][t]) for t in tasks)]
+        cells += [pct(d, "+") for d in deltas[:-1]] + [pct(r["avg_a_lp"]), pct(deltas[-1], "+")]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def evaluate(args):
     runs = [load_run(path) for path in args.runs]
-    args.model, args.pretrained = check_same_start(runs)
-    args.device = ldifs.pick_device(args.device)
+    model, pretrained = check_same_start(runs)
     alphas = [float(a) for a in args.wise_ft.split(",") if a]
     if any(not 0 <= a <= 1 for a in alphas):
         raise ldifs.UsageError(f"--wise-ft weights must lie in [0, 1], got {args.wise_ft}")
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         pyplot()
         alphas = sorted(set(alphas) | {0.0})
-    default = [t for r in runs for t in r["metrics"].get("eval_tasks", [])] or \
-        ldifs.parse_eval_tasks(ldifs.DEFAULT_EVAL_TASKS, None)
-    tasks = available_tasks(ldifs.parse_eval_tasks(args.tasks, None) if args.tasks else list(dict.fromkeys(default)), args)
-    clip, _, transform = ldifs.load_clip(args.model, args.pretrained, args.device)
-    pre_visual = {k: v.cpu() for k, v in clip.visual.state_dict().items()}
-    baseline = probe_row(clip.visual.eval(), tasks, transform, args, cache=True)
-    weights = "/".join(Path(args.pretrained).parts[-2:])
-    rows = [{"label": f"pre-trained {args.model} ({weights})", "target_accuracy": None, "a_lp": baseline}]
+    tasks = eval_tasks(runs, args)
+    clip, _, transform = ldifs.load_clip(model, pretrained, args.device)
+    weights = ldifs.weights_key(model, pretrained)
+    baseline = probe_row(clip.visual.eval(), tasks, transform, args, weights)
+    name = f"pre-trained {model} ({'/'.join(Path(pretrained).parts[-2:])})"
+    rows = [{"label": name, "target_accuracy": None, "a_lp": baseline}]
     for run in runs:
-        rows += rows_for_run(run, pre_visual, clip.visual, transform, tasks, alphas, baseline, args)
+        rows += rows_for_run(run, clip.visual, transform, tasks, alphas, baseline, args)
     add_deltas(rows, baseline)
     print(markdown(rows, tasks))
     if args.plot:
         plot(rows[1:], args.plot, args.plot_x)
     if args.json:
-        ldifs.write_json({"model": args.model, "pretrained": args.pretrained, "tasks": tasks, "rows": rows}, args.json)
+        results = {"model": model, "pretrained": pretrained, "tasks": tasks, "rows": rows}
+        ldifs.write_json(results, args.json)
     return rows
 
 
@@ -213,11 +223,17 @@ def plot(rows, path, x_key):
         ys = [100 * r["target_accuracy"] for r in curve]
         line = axes.plot(xs, ys, "o-", markersize=3)[0]
         axes.plot(xs[0], ys[0], "*", color="black", markersize=12)
-        axes.annotate(curve[-1]["label"], (xs[-1], ys[-1]), color=line.get_color(),
-                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+        axes.annotate(
+            curve[-1]["label"],
+            (xs[-1], ys[-1]),
+            color=line.get_color(),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     axes.plot([], [], "*", color="black", label="pre-trained (alpha 0)")
-    axes.set_xlabel("average Δ_LP over eval tasks (%)" if x_key == "delta_lp"
-                    else "average A_LP over eval tasks (%)")
+    x_name = "average Δ_LP" if x_key == "delta_lp" else "average A_LP"
+    axes.set_xlabel(f"{x_name} over eval tasks (%)")
     axes.set_ylabel("target accuracy (%)")
     axes.set_title("Target accuracy against forgetting (lines: WiSE-FT)")
     axes.legend(loc="lower left")
@@ -227,7 +243,7 @@ def plot(rows, path, x_key):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors that we re-state in one line
+    logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
     args = parse_args(argv)
     try:
         evaluate(args)

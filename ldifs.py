@@ -1,31 +1,32 @@
 """LDIFS: fine-tune CLIP on one task without forgetting the others.
 
-Mukhoti, Gal, Torr, Dokania, "Fine-tuning can cripple your foundation model;
-preserving features may be the solution" (TMLR 2024). The loss is
+Mukhoti, Gal, Torr, Dokania, "Fine-tuning can cripple your foundation model; preserving
+features may be the solution" (TMLR 2024). The loss is
 
     loss = CE(head(f(x)), y) + lam * D(x),   D = ldifs_distance(taps(f, x), taps(f0, x))
 
-where f is the trainable image encoder, f0 a frozen copy of the pre-trained one and
-the taps are intermediate activations (see `ldifs_distance`). lam=0 is plain
-fine-tuning.
+where f is the trainable image encoder, f0 a frozen copy of the pre-trained one and the
+taps are intermediate activations (see `ldifs_distance`). lam=0 is plain fine-tuning.
 
     python ldifs.py --task eurosat --lam 10            # CLIP ViT-B/32 (OpenAI) on EuroSAT
     python ldifs.py --task eurosat --lam 0             # plain fine-tuning, for comparison
     python ldifs.py --task svhn,cifar10,resisc45       # continual fine-tuning, task after task
-    python ldifs.py --task synthetic                   # offline smoke run, tiny CLIP, < 1 min on CPU
+    python ldifs.py --task folder:~/data/leaves        # your own images (ImageFolder layout)
+    python ldifs.py --task synthetic                   # offline smoke run, tiny CLIP, CPU
     torchrun --nproc_per_node 8 ldifs.py --task imagenet   # DDP on 8 GPUs
     python ldifs.py --list-tasks                       # the tasks and where their data goes
-    python ldifs.py --help                             # every flag, with its default
     python eval.py runs/eurosat-lam0 runs/eurosat-lam10    # compare runs for forgetting
 
-The file reads top to bottom: tasks, model and regulariser, training, checkpoints,
-evaluation, main.
+The file reads top to bottom: the regulariser, training, evaluation, models and heads,
+tasks and data, checkpoints, the command line.
 """
+
 import argparse
 import contextlib
 import copy
-import functools
+import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -36,8 +37,7 @@ import resource
 import sys
 import tempfile
 import time
-import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -45,528 +45,49 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from open_clip.pretrained import get_pretrained_cfg
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+# ----------------------------------------------------------------------- the regulariser
 
-class UserError(Exception):
-    """A problem the user can fix; main prints it as one line, without a traceback."""
-
-
-class UsageError(UserError):
-    """A bad flag or argument: exit status 2, as argparse uses."""
-
-
-def user_message(error):
-    """A UserError's own line. DataLoader workers re-raise ours with the worker's traceback
-    in the message; its last line is ours."""
-    text = str(error)
-    if "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-def one_line(error, limit=200):
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-# ----------------------------------------------------------------------------- tasks
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    num_classes: int
-    classnames: tuple  # in the dataset's label order; None: read_classnames(root) reads them
-    templates: tuple
-    epochs: int  # the release's epochs for this task
-    load: object  # load(root, split, download) -> Dataset of (PIL image, label)
-    layout: str  # where the data lives under --data-root, for errors and --list-tasks
-    source: str  # where to get it
-    downloads: bool  # torchvision fetches it by itself
-    size: str = ""  # images in train/val/test, for the README and --list-tasks
-    split_rule: str = ""
-    recipe: dict = field(default_factory=dict)  # overrides of the release's recipe (synthetic tasks)
-    read_classnames: object = None
-
-
-class DataMissing(UserError):
-    pass
-
-
-def held_out_split(n, split, seed=0):
-    """Indices of `split` ('train' or 'val') of an official train split of n images: the
-    release's `random_split(train, [n - n_val, n_val], Generator().manual_seed(0))` with
-    n_val = int(0.1 * n) capped at 20000, so val is the END of the seeded permutation."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train = n - min(int(n * 0.1), 20000)
-    return order[n_train:] if split == "val" else order[:n_train]
-
-
-def fractional_split(n, split, fractions, seed=0):
-    """Indices of `split` in a seeded train/val/test split of n images by `fractions`."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train, n_val = round(n * fractions[0]), round(n * fractions[1])
-    bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
-    lo, hi = bounds[split]
-    return order[lo:hi]
-
-
-def official_split(make, split):
-    """train and val from the official train split (make(True)), test from the official
-    test split (make(False))."""
-    if split == "test":
-        return make(False)
-    full = make(True)
-    return Subset(full, held_out_split(len(full), split))
-
-
-class Samples(Dataset):
-    """(path, label) pairs read as RGB PIL images."""
-
-    def __init__(self, samples):
-        self.samples = samples
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            return torchvision.datasets.folder.default_loader(path), label
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise BadImage(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
-
-
-class BadImage(UserError):
-    pass
-
-
-def is_image(path):
-    return path.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
-
-
-def folder_samples(folder, classes):
-    """Sorted (path, label) pairs of the images in folder/<class>/, labels by position in
-    `classes`."""
-    return [(str(path), label) for label, name in enumerate(classes)
-            for path in sorted((Path(folder) / name).rglob("*")) if is_image(path)]
-
-
-def require(path):
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} not found")
-    return path
-
-
-def load_eurosat(root, split, download):
-    # EuroSAT has no official split; 80/10/10 of its 27000 images = 21600/2700/2700.
-    full = torchvision.datasets.EuroSAT(root, download=download)
-    return Subset(full, fractional_split(len(full), split, (0.8, 0.1, 0.1)))
-
-
-def load_dtd(root, split, download):
-    # As the release: partition 1's `train` alone is the official train split (its `val`
-    # is unused), `test` the test split.
-    return official_split(lambda train: torchvision.datasets.DTD(
-        root, "train" if train else "test", partition=1, download=download), split)
-
-
-def load_resisc45(root, split, download):
-    # As the release: the standard split files (resisc45-{train,test}.txt, 18900 / 6300) are
-    # the official train and test splits. Without them, a seeded 60/20/20 of the 31500
-    # images stands in (a labelled fallback, not the paper's split).
-    base = Path(root) / "resisc45"
-    samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES)
-
-    def make(train):
-        name = "train" if train else "test"
-        split_file = base / f"resisc45-{name}.txt"
-        if split_file.exists():
-            keep = set(split_file.read_text().split())
-            return Samples([s for s in samples if Path(s[0]).name in keep])
-        warn_once(f"resisc45: no split files in {base}; using a seeded 60/20/20 split instead")
-        return Subset(Samples(samples), fractional_split(len(samples), name, (0.6, 0.2, 0.2)))
-    return official_split(make, split)
-
-
-SUN397_PARTITIONS = "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip"
-
-
-def sun397_classes(root):
-    # As the release (its folder 'a_apartment_building_outdoor' minus 'a_', '_' -> ' '):
-    # '/a/apartment_building/outdoor' -> 'apartment building outdoor'.
-    lines = require(Path(root) / "SUN397" / "ClassName.txt").read_text().split()
-    return [line[3:].replace("_", " ").replace("/", " ") for line in lines]
-
-
-def sun397_partition(base, name):
-    """Partitions.zip's file `name` (e.g. Training_01.txt), wherever it was unpacked."""
-    return next((p for p in (base / name, base / "Partitions" / name) if p.exists()), None)
-
-
-def load_sun397(root, split, download):
-    # This literature's split: official partition 1 (Training_01 / Testing_01, 19850 each).
-    base = Path(root) / "SUN397"
-    if download:
-        torchvision.datasets.SUN397(root, download=True)
-        if not sun397_partition(base, "Training_01.txt"):
-            torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, base)
-    lines = require(base / "ClassName.txt").read_text().split()
-    label = {line: i for i, line in enumerate(lines)}  # '/a/abbey' -> 0
-    train, test = (sun397_partition(base, f"{p}_01.txt") for p in ("Training", "Testing"))
-    if train and test:
-        def make(is_train):
-            files = (train if is_train else test).read_text().split()
-            return Samples([(str(base / f.lstrip("/")), label[f.rsplit("/", 1)[0]]) for f in files])
-        return official_split(make, split)
-    warn_once(f"sun397: no partition files in {base} (get {SUN397_PARTITIONS}); using a seeded "
-              "80/10/10 split of all images instead, not comparable with the paper")
-    files = sorted(base.rglob("sun_*.jpg"))
-    samples = [(str(f), label["/" + "/".join(f.relative_to(base).parts[:-1])]) for f in files]
-    return Subset(Samples(samples), fractional_split(len(samples), split, (0.8, 0.1, 0.1)))
-
-
-@functools.cache
-def warn_once(message):
-    print(f"ldifs.py: warning: {message}", file=sys.stderr)
-
-
-def load_imagenet(root, split, download):
-    # Read from folders the user places; the official val split is our test split.
-    base = Path(root) / "imagenet"
-    return official_split(lambda train: torchvision.datasets.ImageFolder(
-        require(base / ("train" if train else "val"))), split)
-
-
-def load_cars(root, split, download):
-    # torchvision's StanfordCars download URL is dead: the data must be placed by hand.
-    return official_split(lambda train: torchvision.datasets.StanfordCars(
-        root, "train" if train else "test"), split)
-
-
-def cars_classes(root):
-    return torchvision.datasets.StanfordCars(root, "train").classes
-
-
-def class_names(task, root):
-    """The task's class names in label order; Cars and SUN397 read theirs from the data."""
-    if task.classnames is not None:
-        return task.classnames
-    try:
-        return tuple(task.read_classnames(os.path.expanduser(root)))
-    except (OSError, RuntimeError, ImportError) as e:
-        raise data_missing(task, root, e, download=False) from e
-
-
-def torchvision_loader(cls, train_kwargs, test_kwargs, subdir=""):
-    """A loader for a torchvision dataset with an official train/test split."""
-    def load(root, split, download):
-        return official_split(lambda train: cls(
-            os.path.join(root, subdir), **(train_kwargs if train else test_kwargs), download=download), split)
-    return load
-
-
-PHOTO_TEMPLATES = tuple(f"a {adj}photo of {art} {{}}." for art in ("a", "the") for adj in (
-    "", "blurry ", "black and white ", "low contrast ", "high contrast ", "bad ", "good ")) + tuple(
-    f"a photo of {art} {size} {{}}." for art in ("a", "the") for size in ("small", "big"))
-DIGIT_TEMPLATES = ('a photo of the number: "{}".',)
-CARS_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-                  "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.",
-                  "a photo of my old {}.")  # task_vectors' cars_template
-SATELLITE_TEMPLATES = tuple(f"{kind} {view} of {art}{{}}." for art in ("", "a ", "the ")
-                            for view in ("imagery", "photo", "view") for kind in ("satellite", "aerial"))
-CIFAR100_CLASSES = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
-    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
-    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
-    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
-    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
-    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
-    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
-    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
-GTSRB_CLASSES = (  # the CLIP paper's descriptive names, in class-id order 0..42
-    "red and white circle 20 kph speed limit", "red and white circle 30 kph speed limit",
-    "red and white circle 50 kph speed limit", "red and white circle 60 kph speed limit",
-    "red and white circle 70 kph speed limit", "red and white circle 80 kph speed limit",
-    "end / de-restriction of 80 kph speed limit", "red and white circle 100 kph speed limit",
-    "red and white circle 120 kph speed limit", "red and white circle red car and black car no passing",
-    "red and white circle red truck and black car no passing",
-    "red and white triangle road intersection warning", "white and yellow diamond priority road",
-    "red and white upside down triangle yield right-of-way", "stop", "empty red and white circle",
-    "red and white circle no truck entry", "red circle with white horizonal stripe no entry",
-    "red and white triangle with exclamation mark warning",
-    "red and white triangle with black left curve approaching warning",
-    "red and white triangle with black right curve approaching warning",
-    "red and white triangle with black double curve approaching warning",
-    "red and white triangle rough / bumpy road warning",
-    "red and white triangle car skidding / slipping warning",
-    "red and white triangle with merging / narrow lanes warning",
-    "red and white triangle with person digging / construction / road work warning",
-    "red and white triangle with traffic light approaching warning",
-    "red and white triangle with person walking warning",
-    "red and white triangle with child and person walking warning",
-    "red and white triangle with bicyle warning", "red and white triangle with snowflake / ice warning",
-    "red and white triangle with deer warning", "white circle with gray strike bar no speed limit",
-    "blue circle with white right turn arrow mandatory", "blue circle with white left turn arrow mandatory",
-    "blue circle with white forward arrow mandatory",
-    "blue circle with white forward or right turn arrow mandatory",
-    "blue circle with white forward or left turn arrow mandatory",
-    "blue circle with white keep right arrow mandatory", "blue circle with white keep left arrow mandatory",
-    "blue circle with white arrows indicating a traffic circle",
-    "white circle with gray strike bar indicating no passing for cars has ended",
-    "white circle with gray strike bar indicating no passing for trucks has ended")
-DTD_CLASSES = (
-    "banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted "
-    "fibrous flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined "
-    "marbled matted meshed paisley perforated pitted pleated polka-dotted porous potholed scaly "
-    "smeared spiralled sprinkled stained stratified striped studded swirly veined waffled woven "
-    "wrinkled zigzagged").split()
-RESISC45_CLASSES = (
-    "airplane airport baseball_diamond basketball_court beach bridge chaparral church "
-    "circular_farmland cloud commercial_area dense_residential desert forest freeway golf_course "
-    "ground_track_field harbor industrial_area intersection island lake meadow medium_residential "
-    "mobile_home_park mountain overpass palace parking_lot railway railway_station "
-    "rectangular_farmland river roundabout runway sea_ice ship snowberg sparse_residential stadium "
-    "storage_tank tennis_court terrace thermal_power_station wetland").split()
-TV = torchvision.datasets
-HELD_OUT = "train = official train minus a seeded 10% val (at most 20000); test = official test"
-
-SYNTHETIC_COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (60, 80, 230),
-                     "yellow": (230, 210, 60), "purple": (150, 60, 200), "orange": (240, 140, 40)}
-SYNTHETIC_STRIPES = ("horizontal", "vertical", "diagonal", "anti-diagonal")
-SYNTHETIC_SIZES = {"train": 2400, "val": 240, "test": 600}
-
-
-class SyntheticImages(Dataset):
-    """Procedural 64x64 images of a striped square on a noisy background. Each image
-    has two independent concepts, the square's colour and its stripes' orientation;
-    `concept` says which one is the label. Image i of a split is the same in every
-    run and every process, and costs about 0.1 ms to draw."""
-
-    def __init__(self, concept, split, size=64):
-        self.concept, self.split, self.size = concept, split, size
-        self.n = SYNTHETIC_SIZES[split]
-        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-        self.grid = (xs.float(), ys.float())
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        split_seed = {"train": 0, "val": 1, "test": 2}[self.split]
-        g = torch.Generator().manual_seed(1_000_003 * split_seed + i)
-        colour = int(torch.randint(len(SYNTHETIC_COLOURS), (), generator=g))
-        stripes = int(torch.randint(len(SYNTHETIC_STRIPES), (), generator=g))
-        image = self.draw(colour, stripes, g)
-        return Image.fromarray(image.numpy()), colour if self.concept == "colour" else stripes
-
-    def draw(self, colour, stripes, g):
-        xs, ys = self.grid
-        angle = math.pi / 4 * [0, 2, 1, 3][stripes]
-        period = 6 + 4 * float(torch.rand((), generator=g))
-        wave = torch.sin((xs * math.sin(angle) + ys * math.cos(angle)) * 2 * math.pi / period)
-        side = int(self.size * (0.5 + 0.3 * float(torch.rand((), generator=g))))
-        x0, y0 = (int(v) for v in torch.randint(self.size - side + 1, (2,), generator=g))
-        inside = (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
-        rgb = torch.tensor(list(SYNTHETIC_COLOURS.values())[colour]).float()
-        square = rgb * (0.6 + 0.4 * (wave > 0).float())[..., None]
-        image = 110 + 40 * torch.rand(self.size, self.size, 3, generator=g)
-        image = torch.where(inside[..., None], square, image)
-        return image.clamp(0, 255).to(torch.uint8)
-
-
-TINY_CLIP = "ldifs-tiny"
-TINY_CLIP_CONFIG = {  # a 4-block ViT and 2-block text tower for offline runs and tests
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-SYNTHETIC_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64,
-                        eval_tasks="synthetic,synthetic-stripes")
-
-TASKS = {t.name: t for t in [
-    Task("cars", 196, None, CARS_TEMPLATES, 35,
-         load_cars, "stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
-         "by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars (needs scipy)",
-         False, "8144 / 8041", HELD_OUT, read_classnames=cars_classes),
-    Task("cifar10", 10, tuple("airplane automobile bird cat deer dog frog horse ship truck".split()),
-         PHOTO_TEMPLATES, 10, torchvision_loader(TV.CIFAR10, {"train": True}, {"train": False}),
-         "cifar-10-batches-py/", "torchvision.datasets.CIFAR10", True, "50000 / 10000", HELD_OUT),
-    Task("cifar100", 100, tuple(CIFAR100_CLASSES), PHOTO_TEMPLATES, 10,
-         torchvision_loader(TV.CIFAR100, {"train": True}, {"train": False}),
-         "cifar-100-python/", "torchvision.datasets.CIFAR100", True, "50000 / 10000", HELD_OUT),
-    Task("dtd", 47, tuple(DTD_CLASSES), tuple(f"a photo of {art} {{}} {kind}." for art in ("a", "the")
-         for kind in ("texture", "pattern", "thing", "object")), 76, load_dtd,
-         "dtd/dtd/{images/<class>/*.jpg,labels/}", "torchvision.datasets.DTD", True, "1880 / 1880",
-         "partition 1: train minus a seeded 10% val; test = test"),
-    Task("eurosat", 10,
-         ("annual crop land", "forest", "brushland or shrubland", "highway or road",
-          "industrial buildings or commercial buildings", "pasture land", "permanent crop land",
-          "residential buildings or homes or apartments", "river", "lake or sea"),
-         tuple(f"a centered satellite photo of {art}{{}}." for art in ("", "a ", "the ")), 12,
-         load_eurosat, "eurosat/2750/<class>/*.jpg", "torchvision.datasets.EuroSAT", True,
-         "27000", "seeded 80/10/10: 21600 / 2700 / 2700 (the release's split files were never published)"),
-    Task("gtsrb", 43, GTSRB_CLASSES, tuple(f'a {kind} photo of a "{{}}" traffic sign.'
-         for kind in ("zoomed in", "centered", "close up")), 11,
-         torchvision_loader(TV.GTSRB, {"split": "train"}, {"split": "test"}),
-         "gtsrb/GTSRB/{Training,Final_Test}/", "torchvision.datasets.GTSRB", True, "26640 / 12630", HELD_OUT),
-    Task("imagenet", 1000, tuple(open_clip.IMAGENET_CLASSNAMES),
-         tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES), 10, load_imagenet,
-         "imagenet/{train,val}/<wnid>/*.JPEG", "by hand: image-net.org (ILSVRC2012), val sorted into wnid folders",
-         False, "1281167 / 50000", HELD_OUT),
-    Task("mnist", 10, tuple("0123456789"), DIGIT_TEMPLATES, 10,
-         torchvision_loader(TV.MNIST, {"train": True}, {"train": False}),
-         "MNIST/raw/", "torchvision.datasets.MNIST", True, "60000 / 10000", HELD_OUT),
-    Task("resisc45", 45, tuple(c.replace("_", " ") for c in RESISC45_CLASSES), SATELLITE_TEMPLATES, 15,
-         load_resisc45, "resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,val,test}.txt)",
-         "by hand: NWPU-RESISC45 (e.g. via torchgeo), with the standard split files", False,
-         "18900 / 6300", "train file minus a seeded 10% val; test file (without them: seeded 60/20/20)"),
-    Task("sun397", 397, None, ("a photo of a {}.", "a photo of the {}."), 14, load_sun397,
-         "SUN397/{ClassName.txt,Training_01.txt,Testing_01.txt,<letter>/<class>/sun_*.jpg}",
-         "torchvision.datasets.SUN397 (37 GB) and Partitions.zip", True, "19850 / 19850",
-         "partition 1: train minus a seeded 10% val; test (without it: seeded 80/10/10)",
-         read_classnames=sun397_classes),
-    Task("svhn", 10, tuple("0123456789"), DIGIT_TEMPLATES, 10,
-         torchvision_loader(TV.SVHN, {"split": "train"}, {"split": "test"}, "svhn"),
-         "svhn/{train,test}_32x32.mat", "torchvision.datasets.SVHN (needs scipy)", True, "73257 / 26032", HELD_OUT),
-    Task("synthetic", len(SYNTHETIC_COLOURS), tuple(SYNTHETIC_COLOURS), ("a photo of a {} square.",), 3,
-         lambda root, split, download: SyntheticImages("colour", split), "",
-         "generated", False, "2400 / 240 / 600", "fixed seeds per split", SYNTHETIC_RECIPE),
-    Task("synthetic-stripes", len(SYNTHETIC_STRIPES), tuple(f"{s} stripes" for s in SYNTHETIC_STRIPES),
-         ("a photo of {}.",), 3, lambda root, split, download: SyntheticImages("stripes", split), "",
-         "generated", False, "2400 / 240 / 600", "fixed seeds per split", SYNTHETIC_RECIPE),
-]}
-
-
-def folder_task(name):
-    """--task folder:PATH: your own images in ImageFolder layout, PATH/{train,test}/<class>/*
-    and optionally PATH/val/<class>/* (else val is held out of train as for every task).
-    Class names are the train folders' names, sorted as ImageFolder does, '_' read as ' '."""
-    root = Path(name.split(":", 1)[1]).expanduser().resolve()
-    classes = image_folder_classes(root)
-    return Task(f"folder:{root}", len(classes), tuple(c.replace("_", " ") for c in classes),
-                PHOTO_TEMPLATES, 10, lambda _, split, download: load_folder(root, classes, split),
-                str(root), "your folder", False, "your split", "train (minus a seeded 10% val "
-                "without val/); test")
-
-
-def image_folder_classes(root):
-    """The class folders of a folder:PATH task, after checking its layout."""
-    where = f"--task folder:{root}"
-    missing = [s + "/" for s in ("train", "test") if not (root / s).is_dir()]
-    if missing:
-        raise UsageError(f"{where}: no {' or '.join(missing)} folder; expected "
-                         f"{root}/train/<class>/* and {root}/test/<class>/* (ImageFolder layout)")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    for split in ("train", "val", "test"):
-        for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
-            if folder.name not in classes:
-                raise UsageError(f"{where}: class {folder.name!r} is in {split}/ but not in train/")
-            if not any(is_image(p) for p in folder.rglob("*")):
-                raise UsageError(f"{where}: class folder {folder} holds no images")
-    if not classes:
-        raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")
-    return classes
-
-
-def load_folder(root, classes, split):
-    if (root / "val").is_dir() or split == "test":
-        return Samples(folder_samples(root / split, classes))
-    return official_split(lambda train: Samples(folder_samples(root / "train", classes)), split)
-
-
-@functools.cache
-def get_task(name):
-    """The built-in task `name`, or a folder:PATH task."""
-    if name in TASKS:
-        return TASKS[name]
-    if name.startswith("folder:"):
-        return folder_task(name)
-    raise UsageError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, or folder:PATH")
-
-
-def file_safe(name):
-    """`name` as part of a file name: a built-in task's as it is; a folder:PATH task's as
-    folder-<its last folder>-<hash of PATH>, so no path reaches a file name raw."""
-    if name in TASKS:
-        return name
-    tail = re.sub(r"[^\w.-]+", "_", Path(name.split(":", 1)[-1]).name).strip("._") or "data"
-    return f"folder-{tail}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
-def get_dataset(task, split, root, transform=None, download=True):
-    """The (image, label) pairs of `task`'s `split` ('train', 'val' or 'test'), read
-    from (or downloaded into) `root`. Raises DataMissing, a one-line message, when
-    the data is not there and cannot be fetched."""
-    task = get_task(task) if isinstance(task, str) else task
-    root = os.path.expanduser(root)
-    try:
-        data = task.load(root, split, download)
-    except (OSError, RuntimeError, ImportError) as e:
-        raise data_missing(task, root, e, download) from e
-    return Transformed(data, transform) if transform else data
-
-
-def data_missing(task, root, error, download):
-    if isinstance(error, ImportError) or "scipy" in str(error).lower():
-        return DataMissing(f"task {task.name!r} needs scipy to read its .mat files: pip install scipy")
-    tried = "could not be downloaded" if download and task.downloads else "is not downloaded automatically"
-    return DataMissing(f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and it {tried} "
-                       f"({one_line(error)}); get it from {task.source}, or set --data-root")
-
-
-class Transformed(Dataset):
-    """`data` with `transform` applied to its images."""
-
-    def __init__(self, data, transform):
-        self.data, self.transform = data, transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        image, label = self.data[i]
-        return self.transform(image), label
-
-
-# --------------------------------------------------------------- model and regulariser
 
 def ldifs_distance(taps, ref_taps, eps=1e-10):
-    """The LDIFS feature distance between two lists of activations of the same inputs,
-    one tensor per tap, batch first: (B, T, C) tokens or (B, C, H, W) maps.
+    """The LDIFS feature distance between two lists of activations of the same inputs, one
+    tensor per tap, batch first: (B, T, C) tokens or (B, C, H, W) maps.
 
-    As in the authors' release (an LPIPS habit), each tap is divided by its L2 norm
-    along dim 1, which for ViT tokens is the token axis, per channel; the squared
-    difference is averaged over all non-batch dims, then over taps, then over the
-    batch. For tokens this equals (2/T) * mean_c(1 - cos_T(h[:, c], h0[:, c])).
-    Depends on torch alone: copy it freely. lam=10 is calibrated for CLIP ViTs with
-    this normalisation; other backbones need their own lam (see README)."""
+    As in the authors' release (an LPIPS habit), each tap is divided by its L2 norm along
+    dim 1, which for ViT tokens is the token axis, per channel; the squared difference is
+    averaged over all non-batch dims, then over taps, then over the batch. For tokens this
+    equals (2/T) * mean_c(1 - cos_T(h[:, c], h0[:, c])). Depends on torch alone: copy it.
+    lam=10 is calibrated for CLIP ViTs with this normalisation; other towers need their own."""
+
     def unit(h):
         h = h.to(torch.promote_types(h.dtype, torch.float32))  # bf16/fp16 up, float64 kept
         return h / (h.norm(dim=1, keepdim=True) + eps)
-    per_tap = [(unit(h) - unit(h0)).pow(2).flatten(1).mean(1) for h, h0 in zip(taps, ref_taps)]
+
+    per_tap = [
+        (unit(h) - unit(h0)).pow(2).flatten(1).mean(1) for h, h0 in zip(taps, ref_taps, strict=True)
+    ]
     return torch.stack(per_tap).mean(0).mean()
 
 
 @contextlib.contextmanager
 def recorded_taps(model, names, channels_last=False):
-    """Within the block, every forward pass of `model` stores the outputs of its
-    submodules `names` in the yielded dict (name -> tensor, in the order of `names`).
-    Hooks read the activations from the same pass that gives the logits. A module that
-    returns a tuple (as Hugging Face layers do) is tapped at its first element; with
-    `channels_last`, 4-D maps (B, H, W, C) are stored as (B, C, H, W)."""
+    """Within the block, every forward pass of `model` stores the outputs of its submodules
+    `names` in the yielded dict (name -> tensor, in the order of `names`), from the same
+    pass that gives the logits. A module that returns a tuple (as Hugging Face layers do) is
+    tapped at its first element; with `channels_last`, (B, H, W, C) maps become (B, C, H, W)."""
     taps = dict.fromkeys(names)
 
     def record(name, output):
         output = output[0] if isinstance(output, tuple) else output
         taps[name] = output.movedim(-1, 1) if channels_last and output.dim() == 4 else output
 
-    handles = [model.get_submodule(name).register_forward_hook(
-        lambda module, inputs, output, name=name: record(name, output)) for name in names]
+    modules = [(name, model.get_submodule(name)) for name in names]
+    handles = [m.register_forward_hook(lambda _, __, out, n=n: record(n, out)) for n, m in modules]
     try:
         yield taps
     finally:
@@ -582,7 +103,9 @@ def default_tap_names(encoder):
     stage. open_clip wraps timm models as `.trunk`."""
     trunk, prefix = (encoder.trunk, "trunk.") if hasattr(encoder, "trunk") else (encoder, "")
     if hasattr(trunk, "ln_pre") and hasattr(trunk, "transformer"):
-        return ["ln_pre"] + quarter_blocks("transformer.resblocks", len(trunk.transformer.resblocks))
+        return ["ln_pre"] + quarter_blocks(
+            "transformer.resblocks", len(trunk.transformer.resblocks)
+        )
     if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
         first = "norm_pre" if getattr(trunk, "norm_pre", None) is not None else "patch_embed"
         return [prefix + first] + quarter_blocks(prefix + "blocks", len(trunk.blocks))
@@ -590,35 +113,21 @@ def default_tap_names(encoder):
         return ["avgpool", "layer1", "layer2", "layer3", "layer4"]  # avgpool ends the stem
     stem = next((n for n in ("stem", "patch_embed") if hasattr(trunk, n)), None)
     stages = next((n for n in ("stages", "layers") if hasattr(trunk, n)), None)
-    if stem and stages:
-        return [prefix + stem] + [f"{prefix}{stages}.{i}" for i in range(len(getattr(trunk, stages)))]
-    raise UsageError(f"no default LDIFS taps for a {type(trunk).__name__} image tower; name them "
-                     f"with --taps a,b,c (its top-level submodules: {submodules(encoder)})")
+    if not (stem and stages):
+        raise UsageError(
+            f"no default LDIFS taps for a {type(trunk).__name__} image tower; name them with "
+            f"--taps a,b,c (its top-level submodules: {submodules(encoder)})"
+        )
+    return [prefix + stem] + [f"{prefix}{stages}.{i}" for i in range(len(getattr(trunk, stages)))]
 
 
 def quarter_blocks(blocks, depth):
     return [f"{blocks}.{depth * k // 4 - 1}" for k in (1, 2, 3, 4)]
 
 
-def submodules(module):
-    return ", ".join(name for name, _ in module.named_children())
-
-
 def channels_last(encoder):
     """Whether the tower's maps are (B, H, W, C), as timm's Swin makes them."""
     return getattr(getattr(encoder, "trunk", encoder), "output_fmt", "NCHW") == "NHWC"
-
-
-def tap_names(encoder, flag):
-    """--taps a,b,c if given, else the tower's default taps; each must name a submodule."""
-    names = flag.split(",") if flag else default_tap_names(encoder)
-    for name in names:
-        try:
-            encoder.get_submodule(name)
-        except AttributeError:
-            raise UsageError(f"--taps: the image tower has no submodule {name!r} (its top-level "
-                             f"submodules: {submodules(encoder)})") from None
-    return names
 
 
 def frozen_copy(module):
@@ -629,74 +138,27 @@ def frozen_copy(module):
     return reference
 
 
-class ImageClassifier(nn.Module):
-    """The image encoder and a linear head (with bias) on its L2-normalised features."""
-
-    def __init__(self, encoder, head):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, images):
-        return self.head(F.normalize(self.encoder(images), dim=-1))
+# ---------------------------------------------------------------------------- training
 
 
-def register_tiny_clip():
-    if TINY_CLIP not in open_clip.list_models():
-        path = Path(tempfile.mkdtemp()) / f"{TINY_CLIP}.json"
-        path.write_text(json.dumps(TINY_CLIP_CONFIG))
-        open_clip.add_model_config(path)
-
-
-def needs_quick_gelu(name, pretrained):
-    # OpenAI weights were trained with QuickGELU; building them with GELU loses
-    # accuracy silently (open_clip only warns "QuickGELU mismatch").
-    return bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
-
-
-def load_clip(name, pretrained, device="cpu"):
-    """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an
-    open_clip tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
-    register_tiny_clip()
-    tag = None if pretrained == "none" else pretrained
-    hub = name.startswith(("hf-hub:", "local-dir:"))
-    if not hub and open_clip.get_model_config(name) is None:
-        raise UsageError(f"unknown model {name!r}; pick one of open_clip.list_models(), e.g. ViT-B-32")
-    if not hub and tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise UsageError(f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "
-                         "pass a tag, a checkpoint path, or 'none'")
-    try:
-        return open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, force_quick_gelu=needs_quick_gelu(name, tag))
-    except Exception as e:  # open_clip raises bare RuntimeErrors for all of these
-        what = f"read checkpoint {tag}" if tag and os.path.isfile(tag) else f"download {name} weights {tag or ''}"
-        raise UserError(f"could not {what.strip()}: {one_line(e)}; check your connection or the file") from e
-
-
-def linear_head(weight, bias=None):
-    """An nn.Linear holding `weight` (classes, dim) and `bias` (0 if None), on weight's device."""
-    head = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
+def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam, label_smoothing=0.0):
+    """Cross-entropy and the LDIFS distance D of one batch, from one trainable pass (the
+    release runs the trainable encoder twice per step; one pass that yields both the logits
+    and the taps is the same maths at lower cost). When lam is 0, D is 0 and the reference
+    never runs."""
+    ce = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+    if lam == 0:
+        return ce, torch.zeros((), device=ce.device)
     with torch.no_grad():
-        head.weight.copy_(weight)
-        head.bias.copy_(torch.zeros(len(weight)) if bias is None else bias)
-    return head
+        reference(images)
+    return ce, ldifs_distance(list(taps.values()), list(ref_taps.values()))
 
 
-def zero_shot_head(clip, tokenizer, classnames, templates, device):
-    """A linear head whose rows are the text embeddings of the class prompts, scaled
-    by logit_scale.exp() (100 for OpenAI CLIP), as CLIP's zero-shot classifier."""
-    weights = open_clip.build_zero_shot_classifier(clip, tokenizer, classnames, templates, device=device)
-    return linear_head(weights.T * clip.logit_scale.exp().detach())
+def l2sp_penalty(encoder, reference):
+    """The L2-SP baseline's sum ||w - w0||^2 over the encoder's weights, w0 the reference's."""
+    pairs = zip(encoder.parameters(), reference.parameters(), strict=True)
+    return sum((w - w0).pow(2).sum() for w, w0 in pairs)
 
-
-def probe_head(encoder, task, num_classes, transform, args, cache=True):
-    """LP-init: the release's linear probe (`select_probe`) on the frozen encoder's features.
-    `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
-    f = task_features(encoder, task, transform, args, cache=cache)
-    return select_probe(f["train"], f["val"], num_classes)
-
-
-# ----------------------------------------------------------------------------- training
 
 def lr_at(step, lr, warmup, total_steps):
     """The release's schedule: linear warm-up, then cosine decay to 0."""
@@ -706,10 +168,88 @@ def lr_at(step, lr, warmup, total_steps):
     return 0.5 * (1 + math.cos(math.pi * progress)) * lr
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What one fine-tuning stage derives from the flags, built once in `plan_stage`."""
+
+    task: "Task"
+    index: int  # in a continual sequence; 0 for a plain run
+    sequence: tuple  # the names of the run's tasks
+    out: Path  # where this stage writes
+    epochs: int
+    total_steps: int
+    taps: tuple  # the tower's submodules LDIFS compares
+    rank: int = 0  # this process, under torchrun
+    world_size: int = 1
+
+
+def train(classifier, reference, data, optimizer, init_head, start_step, stage, args):
+    """Fine-tune `classifier` with CE + lam * D (+ the L2-SP term) from `start_step` to the
+    stage's last step, checkpointing every epoch and every --save-every steps; return
+    throughput metrics."""
+    model = DistributedDataParallel(classifier) if stage.world_size > 1 else classifier
+    loader = train_loader(data, start_step, stage, args)
+    log, nhwc = TrainLog(start_step, stage, args), channels_last(reference)
+    ref_taps = stage.taps if args.lam > 0 else []
+    classifier.train()
+    with (
+        recorded_taps(classifier.encoder, stage.taps, nhwc) as taps,
+        recorded_taps(reference, ref_taps, nhwc) as reference_taps,
+        contextlib.closing(log),
+    ):
+        for step, (images, labels) in enumerate(loader, start_step):
+            images = images.to(args.device, non_blocking=True)
+            labels = labels.to(args.device, non_blocking=True)
+            lr = lr_at(step, args.lr, args.warmup, stage.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(args.device):
+                batch = (images, labels, args.lam, args.label_smoothing)
+                ce, distance = ldifs_loss(model, reference, taps, reference_taps, *batch)
+            penalty = l2sp_penalty(classifier.encoder, reference) if args.l2sp else 0 * ce
+            optimizer.zero_grad(set_to_none=True)
+            (ce + args.lam * distance + args.l2sp * penalty).backward()
+            torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
+            optimizer.step()
+            log.record(step, ce, distance, penalty, lr)
+            if is_checkpoint_step(step + 1, len(data), stage, args):
+                log.check_finite(classifier)
+                save_checkpoint(classifier, optimizer, init_head, step + 1, stage, args)
+    rate = log.images_per_second()
+    return {
+        "steps": stage.total_steps,
+        "train_images_per_second": None if math.isnan(rate) else rate,
+        "peak_memory_mb": peak_memory_mb(args.device),
+    }
+
+
+def train_loader(data, start_step, stage, args):
+    """One DataLoader for the whole stage: its workers start once."""
+    shard = (stage.rank, stage.world_size)
+    batches = step_batches(
+        len(data), args.batch_size, args.seed, start_step, stage.total_steps, *shard
+    )
+    pin = args.device.type == "cuda"
+    return DataLoader(data, batch_sampler=batches, num_workers=args.workers, pin_memory=pin)
+
+
+def step_batches(n, batch_size, seed, start_step, total_steps, rank=0, world_size=1):
+    """This rank's share of each step's batch, for steps start_step..total_steps-1. Every
+    epoch is a seeded permutation of the n images (the last partial batch is dropped), so a
+    batch depends on its step alone. Indices are epoch * n + image, as `Augmented` reads."""
+    steps_per_epoch = n // batch_size
+    epoch, order = None, None
+    for step in range(start_step, total_steps):
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch))))
+        k = step % steps_per_epoch
+        yield (epoch * n + order[k * batch_size : (k + 1) * batch_size][rank::world_size]).tolist()
+
+
 class Augmented(Dataset):
     """Training data whose random augmentation is seeded by (seed, epoch, image), so a
-    resumed run, any worker count and any number of ranks see identical batches.
-    Indices are epoch * len(data) + image, as `step_batches` yields them."""
+    resumed run, any worker count and any number of ranks see identical batches."""
 
     def __init__(self, data, transform, seed):
         self.data, self.transform, self.seed = data, transform, seed
@@ -725,150 +265,77 @@ class Augmented(Dataset):
             return self.transform(image), label
 
 
-def step_batches(n, batch_size, seed, start_step, total_steps, rank=0, world_size=1):
-    """This rank's share of each step's batch, for steps start_step..total_steps-1.
-    Every epoch is a seeded permutation of the n images (the last partial batch is
-    dropped), so a batch depends on its step alone."""
-    steps_per_epoch = n // batch_size
-    epoch, order = None, None
-    for step in range(start_step, total_steps):
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch))))
-        k = step % steps_per_epoch
-        yield (epoch * n + order[k * batch_size:(k + 1) * batch_size][rank::world_size]).tolist()
-
-
-def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam, label_smoothing=0.0):
-    """Cross-entropy and the LDIFS distance D of one batch, from one trainable pass
-    (the release runs the trainable encoder twice per step; one pass that yields both
-    the logits and the taps is the same maths at lower cost). D is 0, and the
-    reference never runs, when lam is 0."""
-    ce = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
-    if lam == 0:
-        return ce, torch.zeros((), device=ce.device)
-    with torch.no_grad():
-        reference(images)
-    return ce, ldifs_distance(list(taps.values()), list(ref_taps.values()))
-
-
-def l2sp_penalty(encoder, reference):
-    """The L2-SP baseline's sum ||w - w0||^2 over the encoder's weights, w0 the reference's."""
-    return sum((w - w0).pow(2).sum() for w, w0 in zip(encoder.parameters(), reference.parameters()))
-
-
 def make_optimizer(params, args):
     fused = args.device.type == "cuda"  # one kernel for the whole AdamW update
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.wd, fused=fused)
 
 
 def autocast(device):
-    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 is slower."""
+    """bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slower."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def train(classifier, reference, train_data, optimizer, init_head, start_step, args):
-    """Fine-tune `classifier` with CE + lam * D (+ the L2-SP term) from `start_step` to
-    args.total_steps, checkpointing every epoch and every --save-every steps; return
-    throughput metrics."""
-    model = DistributedDataParallel(classifier) if args.world_size > 1 else classifier
-    batches = step_batches(len(train_data), args.batch_size, args.seed, start_step, args.total_steps,
-                           args.rank, args.world_size)
-    loader = DataLoader(train_data, batch_sampler=batches, num_workers=args.workers,
-                        pin_memory=args.device.type == "cuda")
-    log = TrainLog(start_step, args)
-    classifier.train()
-    nhwc = channels_last(reference)
-    with (recorded_taps(classifier.encoder, args.taps, nhwc) as taps,
-          recorded_taps(reference, args.taps if args.lam > 0 else [], nhwc) as ref_taps,
-          contextlib.closing(log)):
-        for step, (images, labels) in enumerate(loader, start_step):
-            images = images.to(args.device, non_blocking=True)
-            labels = labels.to(args.device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.lr, args.warmup, args.total_steps)
-            with autocast(args.device):
-                ce, distance = ldifs_loss(model, reference, taps, ref_taps, images, labels, args.lam,
-                                          args.label_smoothing)
-            penalty = l2sp_penalty(classifier.encoder, reference) if args.l2sp else torch.zeros_like(ce)
-            optimizer.zero_grad(set_to_none=True)
-            (ce + args.lam * distance + args.l2sp * penalty).backward()
-            torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
-            optimizer.step()
-            log.record(step, ce, distance, penalty, group["lr"])
-            if is_checkpoint_step(step + 1, len(train_data), args):
-                log.check_finite(classifier)
-                save_checkpoint(classifier, optimizer, init_head, step + 1, args)
-    rate = log.images_per_second()
-    return {"steps": args.total_steps, "train_images_per_second": None if math.isnan(rate) else rate,
-            "peak_memory_mb": peak_memory_mb(args.device)}
-
-
-def peak_memory_mb(device):
-    """CUDA's peak allocated memory, or on the CPU the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10  # macOS reports bytes
 
 
 class TrainLog:
     """The loss parts, lr and throughput every --log-every steps, to log.jsonl and the
     progress bar. Losses stay on the device between log lines: no host sync per step."""
 
-    def __init__(self, start_step, args):
-        self.args, self.first = args, start_step
-        self.sums = torch.zeros(3, device=args.device)  # CE, D and the L2-SP sum since the last log line
-        self.bad_step = torch.tensor(-1, device=args.device)  # first step whose loss was not finite
+    def __init__(self, start_step, stage, args):
+        self.stage, self.args, self.first = stage, args, start_step
+        self.sums = torch.zeros(3, device=args.device)  # CE, D and L2-SP since the last line
+        self.bad_step = torch.tensor(-1, device=args.device)  # the first non-finite step
         self.since, self.clock = 0, None
-        main = args.rank == 0
-        self.file = open(args.out / "log.jsonl", "a") if main else None
-        self.bar = tqdm(total=args.total_steps, initial=start_step, desc=f"train {args.task}",
-                        unit="step", dynamic_ncols=True, disable=not main)
+        main = stage.rank == 0
+        self.file = open(stage.out / "log.jsonl", "a") if main else None
+        name, total = stage.task.name, stage.total_steps
+        self.bar = tqdm(total=total, initial=start_step, desc=f"train {name}", disable=not main)
 
     def record(self, step, ce, distance, penalty, lr):
         parts = torch.stack([ce, distance, penalty]).detach()
-        self.bad_step = torch.where((self.bad_step < 0) & ~parts.isfinite().all(), step, self.bad_step)
+        first_bad = (self.bad_step < 0) & ~parts.isfinite().all()
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
         self.sums += parts
         self.since += 1
         self.bar.update()
         if step == self.first + 1:  # steady state starts after two steps
             self.clock = (step, sync_time(self.args.device))
-        if (step + 1) % self.args.log_every == 0 or step + 1 == self.args.total_steps:
+        if (step + 1) % self.args.log_every == 0 or step + 1 == self.stage.total_steps:
             self.write(step + 1, lr)
 
     def write(self, step, lr):
         sums = all_reduce_mean(self.sums)  # a NaN on any rank makes it NaN on every rank
         if not sums.isfinite().all():
             bad = int(self.bad_step) if self.bad_step >= 0 else step - 1
-            raise NonFiniteLoss(f"the loss was not finite at step {bad}; " + last_good(self.args))
-        ce, d, penalty = (sums / self.since).tolist()
-        lam = self.args.lam
-        record = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d,
-                  "loss/l2sp": self.args.l2sp * penalty, "images_per_second": self.images_per_second(step - 1)}
+            raise NonFiniteLoss(f"the loss was not finite at step {bad}; {last_good(self.stage)}")
+        (ce, d, penalty), lam = (sums / self.since).tolist(), self.args.lam
+        rate = self.images_per_second(step - 1)
+        line = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d}
+        line.update({"loss/l2sp": self.args.l2sp * penalty, "images_per_second": rate})
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(line) + "\n")
             self.file.flush()
-        self.bar.set_postfix(ce=f"{ce:.3f}", ldifs=f"{lam * d:.4f}", img_s=f"{record['images_per_second']:.1f}")
+        self.bar.set_postfix(ce=f"{ce:.3f}", ldifs=f"{lam * d:.4f}", img_s=f"{rate:.1f}")
         self.sums.zero_()
         self.since = 0
 
     def check_finite(self, model):
         """Stop before a non-finite loss or weight can reach a checkpoint."""
         if self.bad_step >= 0:
-            raise NonFiniteLoss(f"the loss was not finite at step {int(self.bad_step)}; " + last_good(self.args))
+            step = int(self.bad_step)
+            raise NonFiniteLoss(f"the loss was not finite at step {step}; {last_good(self.stage)}")
         if not all(p.isfinite().all() for p in model.parameters()):
-            raise NonFiniteLoss("the weights became non-finite; " + last_good(self.args))
+            raise NonFiniteLoss(f"the weights became non-finite; {last_good(self.stage)}")
 
     def images_per_second(self, step=None):
         if self.clock is None:
             return float("nan")
         start_step, start_time = self.clock
-        step = self.args.total_steps - 1 if step is None else step
+        step = self.stage.total_steps - 1 if step is None else step
+        if step <= start_step:
+            return float("nan")
         elapsed = sync_time(self.args.device) - start_time
-        return (step - start_step) * self.args.batch_size / elapsed if step > start_step else float("nan")
+        return (step - start_step) * self.args.batch_size / elapsed
 
     def close(self):
         self.bar.close()
@@ -876,12 +343,8 @@ class TrainLog:
             self.file.close()
 
 
-class NonFiniteLoss(UserError):
-    pass
-
-
-def last_good(args):
-    path = args.out / "checkpoint.pt"
+def last_good(stage):
+    path = stage.out / "checkpoint.pt"
     if not path.exists():
         return "no checkpoint was written; try a lower --lr"
     return f"the last good checkpoint {path} is intact; try a lower --lr"
@@ -901,74 +364,16 @@ def all_reduce_mean(tensor):
     return tensor / torch.distributed.get_world_size()
 
 
-# ----------------------------------------------------------------- checkpoints and resume
-
-RUN_CONFIG = ("task", "lam", "l2sp", "label_smoothing", "taps", "reference", "model", "pretrained", "head", "seed", "batch_size", "lr",
-              "wd", "warmup", "grad_clip", "epochs", "total_steps")  # what a resumed run must share with its checkpoint
-
-
-def is_checkpoint_step(step, n, args):
-    epoch_end = step % (n // args.batch_size) == 0
-    return epoch_end or step == args.total_steps or (args.save_every and step % args.save_every == 0)
+def peak_memory_mb(device):
+    """CUDA's peak allocated memory, or on the CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10  # macOS reports bytes
 
 
-def save_checkpoint(classifier, optimizer, init_head, step, args):
-    """Everything a bitwise-identical resume needs, as state dicts and plain values only."""
-    if args.rank != 0:
-        return
-    atomic_save({"model": classifier.state_dict(), "optimizer": optimizer.state_dict(),
-                 "init_head": init_head, "step": step, "config": {k: getattr(args, k) for k in RUN_CONFIG},
-                 "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}},
-                args.out / "checkpoint.pt")
+# -------------------------------------------------------------------------- evaluation
 
-
-def load_checkpoint(args):
-    """The checkpoint in --out for --resume, after checking it belongs to this run."""
-    path = args.out / "checkpoint.pt"
-    try:
-        checkpoint = torch.load(path, map_location=args.device, weights_only=True)
-        config = checkpoint["config"]
-    except Exception as e:  # truncated, corrupt or not ours
-        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}; delete it to start over") from e
-    flag = lambda k: "total steps (from --epochs, --max-steps)" if k == "total_steps" else "--" + k.replace("_", "-")
-    changed = [f"{flag(k)} {getattr(args, k)} (checkpoint: {config.get(k)})"
-               for k in RUN_CONFIG if config.get(k) != getattr(args, k)]
-    if changed:
-        raise UsageError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
-    return checkpoint
-
-
-def checkpoints_in(out):
-    return [*out.glob("checkpoint.pt"), *out.glob("*/checkpoint.pt")]  # a plain run, or a sequence's stages
-
-
-def refuse_to_overwrite(args):
-    if checkpoints_in(args.out):
-        raise UsageError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
-
-
-def check_resumable(args):
-    if not checkpoints_in(args.out):
-        raise UsageError(f"--resume: no checkpoint.pt in {args.out}; run without --resume to start")
-
-
-def restore(checkpoint, classifier, optimizer, args):
-    """Load a checkpoint into the model and optimizer, restore the RNG, and drop the log
-    lines written after it (the resumed run writes them again)."""
-    classifier.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
-    log = args.out / "log.jsonl"
-    if log.exists() and args.rank == 0:
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= checkpoint["step"]]
-        log.write_text("".join(line + "\n" for line in kept))
-    return checkpoint["step"], checkpoint["init_head"]
-
-
-# --------------------------------------------------------------------------- evaluation
 
 @torch.inference_mode()
 def extract_features(encoder, data, args):
@@ -977,7 +382,7 @@ def extract_features(encoder, data, args):
     encoder.eval()
     loader = DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
     xs, ys = [], []
-    for images, labels in tqdm(loader, desc="features", unit="batch", leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc="features", unit="batch", leave=False):
         xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
         ys.append(labels.to(args.device))
     return torch.cat(xs), torch.cat(ys)
@@ -995,12 +400,12 @@ def fit_linear_probes(x, y, num_classes, lrs, steps=1000, seed=0):
     Speed-up, same maths: probes fit side by side, each in its own param group, with one
     matmul for all and the loss the sum of their separate CEs, so each gets exactly the
     gradient it would get alone."""
-    x, y = F.normalize(x.clone(), dim=-1), y.clone()  # inference-mode tensors cannot enter autograd
+    x, y = F.normalize(x.clone(), dim=-1), y.clone()  # inference tensors cannot enter autograd
     heads = [seeded_linear(x.shape[1], num_classes, seed).to(x.device) for _ in lrs]
     at_once = max(1, PROBE_LOGITS // (len(x) * num_classes))
-    with tqdm(total=steps * len(lrs), desc="linear probe", leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=steps * len(lrs), desc="linear probe", leave=False) as bar:
         for k in range(0, len(lrs), at_once):
-            fit_side_by_side(x, y, heads[k:k + at_once], lrs[k:k + at_once], steps, bar)
+            fit_side_by_side(x, y, heads[k : k + at_once], lrs[k : k + at_once], steps, bar)
     return heads
 
 
@@ -1009,22 +414,21 @@ def seeded_linear(dim, num_classes, seed):
     head, g = nn.Linear(dim, num_classes), torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in head.parameters():
-            p.uniform_(-dim**-0.5, dim**-0.5, generator=g)
+            p.uniform_(-(dim**-0.5), dim**-0.5, generator=g)
     return head
 
 
 def fit_side_by_side(x, y, heads, lrs, steps, bar):
-    groups = [{"params": head.parameters(), "lr": lr} for head, lr in zip(heads, lrs)]
+    groups = [{"params": head.parameters(), "lr": lr} for head, lr in zip(heads, lrs, strict=True)]
     optimizer = torch.optim.AdamW(groups)
+    targets = y[:, None].expand(-1, len(heads))
     with torch.enable_grad():
         for _ in range(steps):
             weight = torch.cat([head.weight for head in heads])
             bias = torch.cat([head.bias for head in heads])
-            logits = F.linear(x, weight, bias).view(len(x), len(heads), -1)
-            ce = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, len(heads)),
-                                 reduction="none")
+            logits = F.linear(x, weight, bias).view(len(x), len(heads), -1).transpose(1, 2)
             optimizer.zero_grad(set_to_none=True)
-            ce.mean(0).sum().backward()
+            F.cross_entropy(logits, targets, reduction="none").mean(0).sum().backward()
             optimizer.step()
             bar.update(len(heads))
 
@@ -1054,21 +458,27 @@ def linear_probe(train_x, train_y, test_x, test_y, val=None):
     return probe_accuracy(select_probe((train_x, train_y), val, num_classes), test_x, test_y)
 
 
-def feature_key(args, task, split, transform):
+def weights_key(model, pretrained):
+    """What the pre-trained encoder's features depend on besides the data: the model and
+    its weights (a local file by path, size and mtime)."""
+    if os.path.isfile(pretrained):
+        stat = os.stat(pretrained)
+        pretrained = f"{os.path.abspath(pretrained)}:{stat.st_size}:{stat.st_mtime_ns}"
+    return {"model": model, "pretrained": pretrained}
+
+
+def feature_key(weights, task, split, transform):
     """Everything the pre-trained encoder's features depend on, for the feature cache."""
-    weights = args.pretrained
-    if os.path.isfile(weights):  # a local checkpoint: its identity is its path, size and mtime
-        stat = os.stat(weights)
-        weights = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
-    return {"model": args.model, "pretrained": weights, "task": task.name, "split": split,
-            "preprocess": repr(transform), "format": 1}
+    where = {"task": task.name, "split": split, "preprocess": repr(transform)}
+    return {**weights, **where, "format": 1}
 
 
 def cached_features(encoder, data, key, args):
-    """extract_features, memoised on disk under `key`; an entry that is unreadable or
-    made for another key is recomputed, never trusted."""
+    """extract_features, memoised on disk under `key`; an entry that is unreadable or made
+    for another key is recomputed, never trusted."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(args.cache_dir).expanduser() / f"{file_safe(key['task'])}-{key['split']}-{digest}.pt"
+    name = f"{file_safe(key['task'])}-{key['split']}-{digest}.pt"
+    path = Path(args.cache_dir).expanduser() / name
     with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
         entry = torch.load(path, map_location=args.device, weights_only=True)
         if entry["key"] == key and len(entry["x"]) == len(entry["y"]) == len(data):
@@ -1079,25 +489,27 @@ def cached_features(encoder, data, key, args):
     return x, y
 
 
-def task_features(encoder, task, transform, args, cache=False):
-    """{split: (features, labels)} of the task's train, val and test splits; cached on
-    disk when `cache` (for the pre-trained encoder, which every run shares)."""
+def task_features(encoder, task, transform, args, weights=None):
+    """{split: (features, labels)} of the task's train, val and test splits; cached on disk
+    under `weights` (a `weights_key`) when given: for the pre-trained encoder alone."""
     features = {}
     for split in ("train", "val", "test"):
         data = get_dataset(task, split, args.data_root, transform, args.download)
-        features[split] = (cached_features(encoder, data, feature_key(args, task, split, transform), args)
-                           if cache else extract_features(encoder, data, args))
+        key = weights and feature_key(weights, task, split, transform)
+        cached = key and cached_features(encoder, data, key, args)
+        features[split] = cached or extract_features(encoder, data, args)
     return features
 
 
 def forgetting_on(task, reference, encoder, clip, transform, args):
-    """Zero-shot (pre-trained text head) and linear-probe accuracy of the pre-trained and
-    the fine-tuned image encoder on `task`, and the deltas (fine-tuned minus pre-trained)."""
+    """Zero-shot (pre-trained text head) and linear-probe accuracy of the pre-trained and the
+    fine-tuned image encoder on `task`, and the deltas (fine-tuned minus pre-trained)."""
     tokenizer = open_clip.get_tokenizer(args.model)
-    zs = zero_shot_head(clip, tokenizer, class_names(task, args.data_root), task.templates, args.device)
-    row = {}
+    names = class_names(task, args.data_root)
+    zs = zero_shot_head(clip, tokenizer, names, task.templates, args.device)
+    row, weights = {}, weights_key(args.model, args.pretrained)
     for which, model in (("pretrained", reference), ("finetuned", encoder)):
-        f = task_features(model, task, transform, args, cache=which == "pretrained")
+        f = task_features(model, task, transform, args, weights if which == "pretrained" else None)
         row[f"zs_{which}"] = probe_accuracy(zs, *f["test"])
         row[f"lp_{which}"] = linear_probe(*f["train"], *f["test"], val=f["val"])
     row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
@@ -1118,194 +530,891 @@ def evaluate_forgetting(reference, encoder, clip, transform, args):
     return results
 
 
+FORGETTING_COLUMNS = (
+    "zs_pretrained zs_finetuned delta_zs lp_pretrained lp_finetuned delta_lp".split()
+)
+
+
 def forgetting_table(results):
     """The forgetting results as a Markdown table, in percent, with the average."""
-    columns = ["zs_pretrained", "zs_finetuned", "delta_zs", "lp_pretrained", "lp_finetuned", "delta_lp"]
     lines = ["| task | ZS pre | ZS ft | Δ_ZS | LP pre | LP ft | Δ_LP |", "|---|" + "---:|" * 6]
     for name, row in results.items():
-        cells = [f"{100 * row[c]:+.1f}" if c.startswith("delta") else f"{100 * row[c]:.1f}" for c in columns] \
-            if "skipped" not in row else ["skipped (data missing)"] + [""] * 5
+        cells = ["skipped (data missing)"] + [""] * 5 if "skipped" in row else percents(row)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     done = [row for row in results.values() if "skipped" not in row]
     if done:
-        means = [sum(row[c] for row in done) / len(done) for c in columns]
-        lines.append("| **average** | " + " | ".join(
-            f"{100 * m:+.1f}" if c.startswith("delta") else f"{100 * m:.1f}" for c, m in zip(columns, means)) + " |")
+        means = {c: sum(row[c] for row in done) / len(done) for c in FORGETTING_COLUMNS}
+        lines.append("| **average** | " + " | ".join(percents(means)) + " |")
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------- main
-
-DATA_ROOT = os.environ.get("LDIFS_DATA", "~/data")
-CACHE_DIR = os.environ.get("LDIFS_CACHE", "~/.cache/ldifs")
-WORKERS = min(8, len(os.sched_getaffinity(0)))
+def percents(row):
+    return [f"{100 * row[c]:{'+' if c.startswith('delta') else ''}.1f}" for c in FORGETTING_COLUMNS]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block; exit 2 as argparse does
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+def seen_task_accuracies(encoder, seen, heads, data, transform, args):
+    """Test accuracy on every task seen so far, each with its own head."""
+    row = []
+    for task in seen:
+        test = Transformed(data[task.name][1], transform)
+        row.append(probe_accuracy(heads[task.name], *extract_features(encoder, test, args)))
+    return row
 
 
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", default="eurosat", help="task to fine-tune on, or a comma-separated sequence "
-                   "for continual fine-tuning: " + ", ".join(TASKS) + ", or folder:PATH for your own "
-                   "images in PATH/{train,test}/<class>/ (ImageFolder layout, val/ optional)")
-    p.add_argument("--templates", help="a file of prompt templates, one a line with {} for the class, "
-                   "for the zero-shot heads of the --task tasks [the task's own; CLIP's photo "
-                   "templates for folder tasks]")
-    p.add_argument("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0 is plain fine-tuning")
-    p.add_argument("--l2sp", type=float, default=0.0, help="L2-SP baseline: add ALPHA * sum ||w - w0||^2 over "
-                   "the image encoder (the release uses 0.5); adds to the LDIFS term, so use --lam 0 for pure L2-SP")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline: "
-                   "this epsilon in the cross-entropy (the release compares against it)")
-    p.add_argument("--reference", choices=["previous", "pretrained"], default="previous",
-                   help="continual runs: the frozen reference (and L2-SP anchor) for task k is the encoder "
-                   "after task k-1, as in the release, or the original pre-trained one")
-    p.add_argument("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32; ldifs-tiny for synthetic]")
-    p.add_argument("--pretrained", help="open_clip tag, checkpoint path, or 'none' for random init "
-                   "[openai; none for synthetic]")
-    p.add_argument("--taps", help="comma-separated submodules of the image tower whose outputs "
-                   "LDIFS compares [the tower's default: see default_tap_names]")
-    p.add_argument("--head", choices=["lp", "zs"], default="lp",
-                   help="head init: lp = linear probe on frozen pre-trained features (the release), "
-                   "zs = zero-shot text head")
-    p.add_argument("--data-root", default=DATA_ROOT,
-                   help="where datasets are read from and downloaded to ($LDIFS_DATA)")
-    p.add_argument("--out", type=Path, help="run directory [runs/<task>-lam<lam>]; a continual run puts "
-                   "stage k in <out>/<k>-<task>/")
-    p.add_argument("--epochs", type=int, help="training epochs (per task) [the release's for each task]")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, help="global batch size [128; 64 for synthetic]")
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate [1e-5; 1e-3 for synthetic]")
-    p.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay [500]")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order and augmentation")
-    p.add_argument("--device", help="torch device [cuda if available, else cpu]")
-    p.add_argument("--workers", type=int, default=WORKERS,
-                   help="data-loading worker processes")
-    p.add_argument("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--save-every", type=int, default=1000,
-                   help="steps between checkpoints, besides one at the end of every epoch; 0: epochs only")
-    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    p.add_argument("--no-download", dest="download", action="store_false",
-                   help="never download data; fail if it is missing")
-    p.add_argument("--eval-tasks", help="comma-separated tasks to measure forgetting on, or 'none' "
-                   "[cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat minus the target; the other "
-                   "synthetic task for synthetic]")
-    p.add_argument("--cache-dir", default=CACHE_DIR,
-                   help="where the pre-trained encoder's features are cached ($LDIFS_CACHE)")
-    p.add_argument("--list-tasks", action="store_true",
-                   help="list the tasks, their classes and templates, and where their data is expected")
-    return p.parse_args(argv)
+def summarise_sequence(tasks, matrix, args):
+    """The accuracy matrix (after stage k, on task i), the final average accuracy and
+    backward transfer: mean over i < T of acc(T, i) - acc(i, i)."""
+    names, last = [t.name for t in tasks], matrix[-1]
+    transfer = sum(last[i] - matrix[i][i] for i in range(len(names) - 1)) / (len(names) - 1)
+    summary = dict(tasks=names, accuracy_matrix=matrix, average_accuracy=sum(last) / len(last))
+    summary.update(
+        backward_transfer=transfer, lam=args.lam, l2sp=args.l2sp, reference=args.reference
+    )
+    lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for k, row in enumerate(matrix):
+        cells = [f"{100 * a:.1f}" for a in row] + [""] * (len(names) - len(row))
+        lines.append(f"| {k}: {names[k]} | " + " | ".join(cells) + " |")
+    print(f"\nContinual fine-tuning, test accuracy in % (lam {args.lam:g}, l2sp {args.l2sp:g}):\n")
+    print("\n".join(lines))
+    print(
+        f"\naverage accuracy {100 * summary['average_accuracy']:.1f}, "
+        f"backward transfer {100 * transfer:+.1f}"
+    )
+    write_json(summary, args.out / "metrics.json")
+    return summary
 
 
-def list_tasks(root):
-    print(f"{'task':10} {'classes':>7} {'templates':>9} {'download':>8}  data expected at")
-    for t in TASKS.values():
-        where = os.path.join(os.path.expanduser(root), t.layout) if t.layout else "(generated, no files)"
-        fetch = "auto" if t.downloads else "manual" if t.layout else "-"
-        print(f"{t.name:10} {t.num_classes:>7} {len(t.templates):>9} {fetch:>8}  {where}  "
-              f"[split: {t.split_rule}]")
-    print("folder:PATH: your own images in PATH/{train,test}/<class>/* (val/ optional)")
+# --------------------------------------------------------------------- models and heads
 
 
-DEFAULT_EVAL_TASKS = "cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat"  # what torchvision downloads
+class ImageClassifier(nn.Module):
+    """The image encoder and a linear head (with bias) on its L2-normalised features."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, images):
+        return self.head(F.normalize(self.encoder(images), dim=-1))
 
 
-def parse_eval_tasks(value, target):
-    """The eval tasks named in `value` ('a,b' or 'none'), without the target."""
-    if value == "none":
-        return []
-    return [get_task(name).name for name in value.split(",") if name and name != target]
+def linear_head(weight, bias=None):
+    """An nn.Linear holding `weight` (classes, dim) and `bias` (0 if None), on weight's device."""
+    head = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(torch.zeros(len(weight)) if bias is None else bias)
+    return head
 
 
-RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
+def zero_shot_head(clip, tokenizer, classnames, templates, device):
+    """A linear head whose rows are the text embeddings of the class prompts, scaled by
+    logit_scale.exp() (100 for OpenAI CLIP), bias 0, as CLIP's zero-shot classifier."""
+    weights = open_clip.build_zero_shot_classifier(
+        clip, tokenizer, classnames, templates, device=device
+    )
+    return linear_head(weights.T * clip.logit_scale.exp().detach())
 
 
-def resolve_args(args):
-    """Fill the unset flags from the (first) task's recipe, then check them; return the
-    tasks to fine-tune on, in order."""
-    tasks = [get_task(name) for name in args.task.split(",")]
-    if args.templates:
-        tasks = [dataclasses.replace(task, templates=read_templates(args.templates)) for task in tasks]
-    names = [task.name for task in tasks]
-    if len(set(names)) < len(names):
-        raise UsageError(f"--task {args.task!r} repeats a task; a continual sequence visits each task once")
-    for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
-        if getattr(args, key, None) is None and key != "eval_tasks":
-            setattr(args, key, value)
-    if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
-        args.pretrained = os.path.abspath(args.pretrained)
-    eval_tasks = parse_eval_tasks(args.eval_tasks or tasks[0].recipe.get("eval_tasks", DEFAULT_EVAL_TASKS), None)
-    args.eval_tasks = [name for name in eval_tasks if name not in names]
-    args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
-    args.sequence = names
-    args.device = pick_device(args.device)
-    check_args(args)
-    return tasks
+def probe_head(encoder, task, num_classes, transform, args, cache=True):
+    """LP-init: the release's linear probe (`select_probe`) on the frozen encoder's features.
+    `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
+    weights = weights_key(args.model, args.pretrained) if cache else None
+    f = task_features(encoder, task, transform, args, weights)
+    return select_probe(f["train"], f["val"], num_classes)
 
 
-def read_templates(path):
-    """--templates FILE: one prompt template a line, each with {} for the class name."""
+def initial_head(clip, task, classnames, transform, stage, args):
+    """The head's init: the zero-shot text head, or an LP-init probe that reuses cached
+    features only while the encoder is the pre-trained one (the first stage)."""
+    if args.head == "zs":
+        tokenizer = open_clip.get_tokenizer(args.model)
+        return zero_shot_head(clip, tokenizer, classnames, task.templates, args.device)
+    return probe_head(clip.visual, task, len(classnames), transform, args, cache=stage.index == 0)
+
+
+TINY_CLIP = "ldifs-tiny"
+TINY_CLIP_CONFIG = {  # a 4-block ViT and 2-block text tower for offline runs and tests
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_clip():
+    if TINY_CLIP not in open_clip.list_models():
+        path = Path(tempfile.mkdtemp()) / f"{TINY_CLIP}.json"
+        path.write_text(json.dumps(TINY_CLIP_CONFIG))
+        open_clip.add_model_config(path)
+
+
+def needs_quick_gelu(name, pretrained):
+    # OpenAI weights were trained with QuickGELU; building them with GELU loses accuracy
+    # silently (open_clip only warns "QuickGELU mismatch").
+    return bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
+
+
+def load_clip(name, pretrained, device="cpu"):
+    """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
+    tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
+    register_tiny_clip()
+    tag = None if pretrained == "none" else pretrained
+    check_model(name, tag)
     try:
-        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise UsageError(f"--templates {path}: {one_line(e)}") from e
-    if not lines or any("{}" not in line for line in lines):
-        raise UsageError(f"--templates {path}: need one template a line, each with {{}} for the class")
-    return tuple(lines)
+        quick_gelu = needs_quick_gelu(name, tag)
+        return open_clip.create_model_and_transforms(
+            name, pretrained=tag, device=device, force_quick_gelu=quick_gelu
+        )
+    except Exception as e:  # open_clip raises bare RuntimeErrors for all of these
+        local = tag and os.path.isfile(tag)
+        what = f"read checkpoint {tag}" if local else f"download {name} weights {tag or ''}"
+        hint = "check your connection or the file"
+        raise UserError(f"could not {what.strip()}: {one_line(e)}; {hint}") from e
 
 
-def stage_folder(k, name):
-    """Where stage k of a continual run writes, inside --out."""
-    return f"{k}-{file_safe(name)}"
+def check_model(name, tag):
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if open_clip.get_model_config(name) is None:
+        raise UsageError(
+            f"unknown model {name!r}; pick one of open_clip.list_models(), e.g. ViT-B-32"
+        )
+    if tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise UsageError(
+            f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "
+            "pass a tag, a checkpoint path, or 'none'"
+        )
 
 
-def pick_device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def tap_names(encoder, flag):
+    """--taps a,b,c if given, else the tower's default taps; each must name a submodule."""
+    names = flag.split(",") if flag else default_tap_names(encoder)
+    for name in names:
+        try:
+            encoder.get_submodule(name)
+        except AttributeError:
+            raise UsageError(
+                f"--taps: the image tower has no submodule {name!r} (its top-level "
+                f"submodules: {submodules(encoder)})"
+            ) from None
+    return names
 
 
-def stage_args(args, k, task, continual):
-    """The flags of stage k of a run: its own task, epochs and, in a sequence, folder."""
-    stage = copy.copy(args)
-    stage.task, stage.stage = task.name, k
-    stage.epochs = task.epochs if args.epochs is None else args.epochs
-    stage.out = args.out / stage_folder(k, task.name) if continual else args.out
-    return stage
+def submodules(module):
+    return ", ".join(name for name, _ in module.named_children())
 
 
-def check_args(args):
-    positive = {"--batch-size": args.batch_size, "--epochs": 1 if args.epochs is None else args.epochs, "--log-every": args.log_every,
-                "--eval-batch-size": args.eval_batch_size, "--max-steps": args.max_steps or 1}
-    problems = [f"{flag} must be positive, got {value}" for flag, value in positive.items() if value <= 0]
-    problems += [f"{flag} must be >= 0, got {value}" for flag, value in
-                 {"--lam": args.lam, "--l2sp": args.l2sp, "--label-smoothing": args.label_smoothing, "--lr": args.lr, "--wd": args.wd, "--warmup": args.warmup,
-                  "--workers": args.workers, "--save-every": args.save_every}.items() if value < 0]
-    if args.label_smoothing >= 1:
-        problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
-    if problems:
-        raise UsageError("; ".join(problems))
+# ---------------------------------------------------------------------- tasks and data
+
+HELD_OUT = "train = official train minus a seeded 10% val (at most 20000); test = official test"
 
 
-def save_outputs(clip, classifier, classnames, init_head, metrics, args):
-    """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable
-    with create_model(name, pretrained=path) or create_model('local-dir:' + out)),
-    the head (and its initial weight, which WiSE-FT mixes in), and metrics.json."""
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    classnames: tuple | None  # in the dataset's label order; None: read_classnames(root)
+    templates: tuple
+    epochs: int  # the release's epochs for this task
+    load: Callable  # load(root, split, download) -> Dataset of (PIL image, label)
+    num_classes: int = 0  # 0: len(classnames)
+    layout: str = ""  # where the data lives under --data-root ('' for generated data)
+    source: str = "generated"  # where to get it; "torchvision...": it downloads by itself
+    split_rule: str = HELD_OUT
+    recipe: dict = dataclasses.field(default_factory=dict)  # overrides of the release's recipe
+    read_classnames: Callable | None = None
+
+    def __post_init__(self):
+        if not self.num_classes:
+            object.__setattr__(self, "num_classes", len(self.classnames))
+
+    @property
+    def downloads(self):
+        return self.source.startswith("torchvision")
+
+
+def held_out_split(n, split, seed=0):
+    """Indices of `split` ('train' or 'val') of an official train split of n images: the
+    release's `random_split(train, [n - n_val, n_val], Generator().manual_seed(0))` with
+    n_val = int(0.1 * n) capped at 20000, so val is the END of the seeded permutation."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = n - min(int(n * 0.1), 20000)
+    return order[n_train:] if split == "val" else order[:n_train]
+
+
+def fractional_split(n, split, fractions, seed=0):
+    """Indices of `split` in a seeded train/val/test split of n images by `fractions`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train, n_val = round(n * fractions[0]), round(n * fractions[1])
+    bounds = {
+        "train": (0, n_train),
+        "val": (n_train, n_train + n_val),
+        "test": (n_train + n_val, n),
+    }
+    return order[slice(*bounds[split])]
+
+
+def official_split(make, split):
+    """train and val from the official train split (make(True)), test from the official test
+    split (make(False))."""
+    if split == "test":
+        return make(False)
+    full = make(True)
+    return Subset(full, held_out_split(len(full), split))
+
+
+class Samples(Dataset):
+    """(path, label) pairs read as RGB PIL images."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            return torchvision.datasets.folder.default_loader(path), label
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise BadImage(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
+
+
+class Transformed(Dataset):
+    """`data` with `transform` applied to its images."""
+
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, label = self.data[i]
+        return self.transform(image), label
+
+
+def is_image(path):
+    return path.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
+
+
+def folder_samples(folder, classes):
+    """Sorted (path, label) pairs of the images in folder/<class>/, labels by position in
+    `classes`."""
+    return [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((Path(folder) / name).rglob("*"))
+        if is_image(path)
+    ]
+
+
+def require(path):
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} not found")
+    return path
+
+
+@functools.cache
+def warn_once(message):
+    print(f"ldifs.py: warning: {message}", file=sys.stderr)
+
+
+def load_eurosat(root, split, download):
+    # EuroSAT has no official split, and the release's 21600/2700/2700 files were never
+    # published: ours is a seeded 80/10/10 of its 27000 images, of the same sizes.
+    full = torchvision.datasets.EuroSAT(root, download=download)
+    return Subset(full, fractional_split(len(full), split, (0.8, 0.1, 0.1)))
+
+
+def load_dtd(root, split, download):
+    # As the release: partition 1's `train` alone is the official train split (its `val` is
+    # unused), `test` the test split.
+    def make(train):
+        split_name = "train" if train else "test"
+        return torchvision.datasets.DTD(root, split_name, partition=1, download=download)
+
+    return official_split(make, split)
+
+
+def load_resisc45(root, split, download):
+    # As the release: the split files resisc45-{train,test}.txt (18900 / 6300) are the
+    # official splits. Without them, a seeded 60/20/20 of the 31500 images stands in.
+    base = Path(root) / "resisc45"
+    samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES)
+
+    def make(train):
+        name = "train" if train else "test"
+        if (base / f"resisc45-{name}.txt").exists():
+            keep = set((base / f"resisc45-{name}.txt").read_text().split())
+            return Samples([s for s in samples if Path(s[0]).name in keep])
+        warn_once(f"resisc45: no split files in {base}; using a seeded 60/20/20 split instead")
+        return Subset(Samples(samples), fractional_split(len(samples), name, (0.6, 0.2, 0.2)))
+
+    return official_split(make, split)
+
+
+SUN397_PARTITIONS = "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip"
+
+
+def sun397_classes(root):
+    # As the release (folder 'a_apartment_building_outdoor' minus 'a_', '_' read as ' '):
+    # '/a/apartment_building/outdoor' -> 'apartment building outdoor'.
+    lines = require(Path(root) / "SUN397" / "ClassName.txt").read_text().split()
+    return [line[3:].replace("_", " ").replace("/", " ") for line in lines]
+
+
+def sun397_partition(base, name):
+    """Partitions.zip's file `name` (e.g. Training_01.txt), wherever it was unpacked."""
+    return next((p for p in (base / name, base / "Partitions" / name) if p.exists()), None)
+
+
+def load_sun397(root, split, download):
+    # This literature's split: the official partition 1 (Training_01 / Testing_01).
+    base = Path(root) / "SUN397"
+    if download:
+        torchvision.datasets.SUN397(root, download=True)
+        if not sun397_partition(base, "Training_01.txt"):
+            torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, base)
+    lines = require(base / "ClassName.txt").read_text().split()
+    label = {line: i for i, line in enumerate(lines)}  # '/a/abbey' -> 0
+    parts = [sun397_partition(base, f"{p}_01.txt") for p in ("Training", "Testing")]
+    if all(parts):
+        files = [part.read_text().split() for part in parts]
+        sample = lambda f: (str(base / f.lstrip("/")), label[f.rsplit("/", 1)[0]])  # noqa: E731
+        return official_split(lambda train: Samples(list(map(sample, files[1 - train]))), split)
+    warn_once(
+        f"sun397: no partition files in {base} (get {SUN397_PARTITIONS}); using a seeded "
+        "80/10/10 split of all images instead, not comparable with the paper"
+    )
+    paths = sorted(base.rglob("sun_*.jpg"))
+    samples = [(str(f), label["/" + "/".join(f.relative_to(base).parts[:-1])]) for f in paths]
+    return Subset(Samples(samples), fractional_split(len(samples), split, (0.8, 0.1, 0.1)))
+
+
+def load_imagenet(root, split, download):
+    # Read from folders the user places; the official val split is our test split.
+    base = Path(root) / "imagenet"
+    folder = torchvision.datasets.ImageFolder
+    return official_split(
+        lambda train: folder(require(base / ("train" if train else "val"))), split
+    )
+
+
+def load_cars(root, split, download):
+    # torchvision's StanfordCars download URL is dead: the data must be placed by hand.
+    cars = torchvision.datasets.StanfordCars
+    return official_split(lambda train: cars(root, "train" if train else "test"), split)
+
+
+def cars_classes(root):
+    return torchvision.datasets.StanfordCars(root, "train").classes  # '/' kept, as the release
+
+
+def torchvision_loader(name, train_kwargs, test_kwargs, subdir=""):
+    """A loader for a torchvision dataset with an official train/test split."""
+
+    def load(root, split, download):
+        cls, path = getattr(torchvision.datasets, name), os.path.join(root, subdir)
+        kwargs = lambda train: train_kwargs if train else test_kwargs  # noqa: E731
+        return official_split(lambda train: cls(path, **kwargs(train), download=download), split)
+
+    return load
+
+
+def class_names(task, root):
+    """The task's class names in label order; Cars and SUN397 read theirs from the data."""
+    if task.classnames is not None:
+        return task.classnames
+    try:
+        return tuple(task.read_classnames(os.path.expanduser(root)))
+    except (OSError, RuntimeError, ImportError) as e:
+        raise data_missing(task, root, e, download=False) from e
+
+
+def get_dataset(task, split, root, transform=None, download=True):
+    """The (image, label) pairs of `task`'s `split` ('train', 'val' or 'test'), read from (or
+    downloaded into) `root`. Raises DataMissing, a one-line message, when the data is not
+    there and cannot be fetched."""
+    task = get_task(task) if isinstance(task, str) else task
+    root = os.path.expanduser(root)
+    try:
+        data = task.load(root, split, download)
+    except (OSError, RuntimeError, ImportError) as e:
+        raise data_missing(task, root, e, download) from e
+    return Transformed(data, transform) if transform else data
+
+
+def data_missing(task, root, error, download):
+    if isinstance(error, ImportError) or "scipy" in str(error).lower():
+        return DataMissing(
+            f"task {task.name!r} needs scipy to read its .mat files: pip install scipy"
+        )
+    how = (
+        "could not be downloaded"
+        if download and task.downloads
+        else "is not downloaded automatically"
+    )
+    return DataMissing(
+        f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and it "
+        f"{how} ({one_line(error)}); get it from {task.source}, or set --data-root"
+    )
+
+
+@functools.cache
+def get_task(name):
+    """The built-in task `name`, or a folder:PATH task."""
+    if name in TASKS:
+        return TASKS[name]
+    if name.startswith("folder:"):
+        return folder_task(name)
+    raise UsageError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, or folder:PATH")
+
+
+def folder_task(name):
+    """--task folder:PATH: your images in ImageFolder layout, PATH/{train,test}/<class>/* and
+    optionally PATH/val/<class>/* (else val is held out of train as for every task). Class
+    names are the train folders' names, sorted as ImageFolder does, '_' read as ' '."""
+    root = Path(name.split(":", 1)[1]).expanduser().resolve()
+    classes = image_folder_classes(root)
+    names = tuple(c.replace("_", " ") for c in classes)
+    load = lambda _, split, download: load_folder(root, classes, split)  # noqa: E731
+    return Task(
+        name=f"folder:{root}",
+        classnames=names,
+        templates=PHOTO_TEMPLATES,
+        epochs=10,
+        load=load,
+        layout=str(root),
+        source="your folder",
+    )
+
+
+def image_folder_classes(root):
+    """The class folders of a folder:PATH task, after checking its layout."""
+    where = f"--task folder:{root}"
+    missing = [s + "/" for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise UsageError(
+            f"{where}: no {' or '.join(missing)} folder; expected {root}/train/"
+            f"<class>/* and {root}/test/<class>/* (ImageFolder layout)"
+        )
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    for split in ("train", "val", "test"):
+        for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
+            if folder.name not in classes:
+                raise UsageError(f"{where}: class {folder.name!r} is in {split}/ but not in train/")
+            if not any(is_image(p) for p in folder.rglob("*")):
+                raise UsageError(f"{where}: class folder {folder} holds no images")
+    if not classes:
+        raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")
+    return classes
+
+
+def load_folder(root, classes, split):
+    if (root / "val").is_dir() or split == "test":
+        return Samples(folder_samples(root / split, classes))
+    return official_split(lambda train: Samples(folder_samples(root / "train", classes)), split)
+
+
+def file_safe(name):
+    """`name` as part of a file name: a built-in task's as it is; a folder:PATH task's as
+    folder-<its last folder>-<hash of PATH>, so no path reaches a file name raw."""
+    if name in TASKS:
+        return name
+    tail = re.sub(r"[^\w.-]+", "_", Path(name.split(":", 1)[-1]).name).strip("._") or "data"
+    return f"folder-{tail}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+SYNTHETIC_COLOURS = dict(red=(220, 50, 50), green=(50, 190, 70), blue=(60, 80, 230))
+SYNTHETIC_COLOURS.update(yellow=(230, 210, 60), purple=(150, 60, 200), orange=(240, 140, 40))
+SYNTHETIC_STRIPES = ("horizontal", "vertical", "diagonal", "anti-diagonal")
+SYNTHETIC_SIZES = {"train": 2400, "val": 240, "test": 600}
+
+
+class SyntheticImages(Dataset):
+    """Procedural 64x64 images of a striped square on a noisy background. Each image has two
+    independent concepts, the square's colour and its stripes' orientation; `concept` says
+    which one is the label. Image i of a split is the same in every run and process."""
+
+    def __init__(self, concept, split, size=64):
+        self.concept, self.split, self.size = concept, split, size
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        self.grid = (xs.float(), ys.float())
+
+    def __len__(self):
+        return SYNTHETIC_SIZES[self.split]
+
+    def __getitem__(self, i):
+        split_seed = {"train": 0, "val": 1, "test": 2}[self.split]
+        g = torch.Generator().manual_seed(1_000_003 * split_seed + i)
+        colour = int(torch.randint(len(SYNTHETIC_COLOURS), (), generator=g))
+        stripes = int(torch.randint(len(SYNTHETIC_STRIPES), (), generator=g))
+        image = self.draw(colour, stripes, g)
+        return Image.fromarray(image.numpy()), colour if self.concept == "colour" else stripes
+
+    def draw(self, colour, stripes, g):
+        xs, ys = self.grid
+        angle = math.pi / 4 * [0, 2, 1, 3][stripes]
+        period = 6 + 4 * float(torch.rand((), generator=g))
+        wave = torch.sin((xs * math.sin(angle) + ys * math.cos(angle)) * 2 * math.pi / period)
+        side = int(self.size * (0.5 + 0.3 * float(torch.rand((), generator=g))))
+        x0, y0 = (int(v) for v in torch.randint(self.size - side + 1, (2,), generator=g))
+        inside = (xs >= x0) & (xs < x0 + side) & (ys >= y0) & (ys < y0 + side)
+        rgb = torch.tensor(list(SYNTHETIC_COLOURS.values())[colour]).float()
+        square = rgb * (0.6 + 0.4 * (wave > 0).float())[..., None]
+        image = 110 + 40 * torch.rand(self.size, self.size, 3, generator=g)
+        return torch.where(inside[..., None], square, image).clamp(0, 255).to(torch.uint8)
+
+
+def synthetic_loader(concept):
+    return lambda root, split, download: SyntheticImages(concept, split)
+
+
+PHOTO_TEMPLATES = tuple(
+    f"a {adj}photo of {art} {{}}."
+    for art in ("a", "the")
+    for adj in (
+        "",
+        "blurry ",
+        "black and white ",
+        "low contrast ",
+        "high contrast ",
+        "bad ",
+        "good ",
+    )
+) + tuple(f"a photo of {art} {size} {{}}." for art in ("a", "the") for size in ("small", "big"))
+DIGIT_TEMPLATES = ('a photo of the number: "{}".',)
+SATELLITE_TEMPLATES = tuple(
+    f"{kind} {view} of {art}{{}}."
+    for art in ("", "a ", "the ")
+    for view in ("imagery", "photo", "view")
+    for kind in ("satellite", "aerial")
+)
+CARS_TEMPLATES = (  # task_vectors' cars_template
+    *(f"a photo of {w} {{}}." for w in ("a", "the", "my")),
+    "i love my {}!",
+    *(f"a photo of my {w} {{}}." for w in ("dirty", "clean", "new", "old")),
+)
+TINY_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64)
+TINY_RECIPE["eval_tasks"] = "synthetic,synthetic-stripes"
+TV_TRAIN_TEST = ({"train": True}, {"train": False})
+TV_SPLITS = ({"split": "train"}, {"split": "test"})
+
+
+DTD_TEMPLATES = tuple(
+    f"a photo of {art} {{}} {kind}."
+    for art in ("a", "the")
+    for kind in ("texture", "pattern", "thing", "object")
+)
+EUROSAT_TEMPLATES = tuple(f"a centered satellite photo of {art}{{}}." for art in ("", "a ", "the "))
+GTSRB_TEMPLATES = tuple(
+    f'a {kind} photo of a "{{}}" traffic sign.' for kind in ("zoomed in", "centered", "close up")
+)
+EUROSAT_CLASSES = tuple(  # torchvision's sorted folders AnnualCrop .. SeaLake, as CLIP names them
+    "annual crop land; forest; brushland or shrubland; highway or road; industrial buildings or "
+    "commercial buildings; pasture land; permanent crop land; residential buildings or homes or "
+    "apartments; river; lake or sea".split("; ")
+)
+CIFAR100_CLASSES = tuple(
+    """
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
+    keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse
+    mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
+    porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper
+    snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
+    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
+""".split()
+)  # torchvision's names, '_' kept as the release keeps it
+DTD_CLASSES = tuple(
+    """
+    banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline
+    dotted fibrous flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted
+    lacelike lined marbled matted meshed paisley perforated pitted pleated polka-dotted porous
+    potholed scaly smeared spiralled sprinkled stained stratified striped studded swirly veined
+    waffled woven wrinkled zigzagged
+""".split()
+)
+RESISC45_CLASSES = tuple(
+    """
+    airplane airport baseball_diamond basketball_court beach bridge chaparral church
+    circular_farmland cloud commercial_area dense_residential desert forest freeway golf_course
+    ground_track_field harbor industrial_area intersection island lake meadow medium_residential
+    mobile_home_park mountain overpass palace parking_lot railway railway_station
+    rectangular_farmland river roundabout runway sea_ice ship snowberg sparse_residential stadium
+    storage_tank tennis_court terrace thermal_power_station wetland
+""".split()
+)
+GTSRB_CLASSES = tuple(  # the CLIP paper's descriptive names, in class-id order 0..42
+    (
+        "red and white circle 20 kph speed limit; red and white circle 30 kph speed limit; red "
+        "and white circle 50 kph speed limit; red and white circle 60 kph speed limit; red and "
+        "white circle 70 kph speed limit; red and white circle 80 kph speed limit; end / "
+        "de-restriction of 80 kph speed limit; red and white circle 100 kph speed limit; red and "
+        "white circle 120 kph speed limit; red and white circle red car and black car no passing; "
+        "red and white circle red truck and black car no passing; red and white triangle road "
+        "intersection warning; white and yellow diamond priority road; red and white upside down "
+        "triangle yield right-of-way; stop; empty red and white circle; red and white circle no "
+        "truck entry; red circle with white horizonal stripe no entry; red and white triangle "
+        "with exclamation mark warning; red and white triangle with black left curve approaching "
+        "warning; red and white triangle with black right curve approaching warning; red and "
+        "white triangle with black double curve approaching warning; red and white triangle rough "
+        "/ bumpy road warning; red and white triangle car skidding / slipping warning; red and "
+        "white triangle with merging / narrow lanes warning; red and white triangle with person "
+        "digging / construction / road work warning; red and white triangle with traffic light "
+        "approaching warning; red and white triangle with person walking warning; red and white "
+        "triangle with child and person walking warning; red and white triangle with bicyle "
+        "warning; red and white triangle with snowflake / ice warning; red and white triangle "
+        "with deer warning; white circle with gray strike bar no speed limit; blue circle with "
+        "white right turn arrow mandatory; blue circle with white left turn arrow mandatory; blue "
+        "circle with white forward arrow mandatory; blue circle with white forward or right turn "
+        "arrow mandatory; blue circle with white forward or left turn arrow mandatory; blue "
+        "circle with white keep right arrow mandatory; blue circle with white keep left arrow "
+        "mandatory; blue circle with white arrows indicating a traffic circle; white circle with "
+        "gray strike bar indicating no passing for cars has ended; white circle with gray strike "
+        "bar indicating no passing for trucks has ended"
+    ).split("; ")
+)
+TASKS = {
+    t.name: t
+    for t in [
+        Task(
+            name="cars",
+            classnames=None,
+            num_classes=196,
+            templates=CARS_TEMPLATES,
+            epochs=35,
+            load=load_cars,
+            read_classnames=cars_classes,
+            layout="stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
+            source="by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars",
+        ),
+        Task(
+            name="cifar10",
+            classnames=tuple("airplane automobile bird cat deer dog frog horse ship truck".split()),
+            templates=PHOTO_TEMPLATES,
+            epochs=10,
+            load=torchvision_loader("CIFAR10", *TV_TRAIN_TEST),
+            layout="cifar-10-batches-py/",
+            source="torchvision.datasets.CIFAR10",
+        ),
+        Task(
+            name="cifar100",
+            classnames=CIFAR100_CLASSES,
+            templates=PHOTO_TEMPLATES,
+            epochs=10,
+            load=torchvision_loader("CIFAR100", *TV_TRAIN_TEST),
+            layout="cifar-100-python/",
+            source="torchvision.datasets.CIFAR100",
+        ),
+        Task(
+            name="dtd",
+            classnames=DTD_CLASSES,
+            templates=DTD_TEMPLATES,
+            epochs=76,
+            load=load_dtd,
+            layout="dtd/dtd/{images/<class>/*.jpg,labels/}",
+            source="torchvision.datasets.DTD",
+            split_rule="partition 1: train minus a seeded 10% val; test = test",
+        ),
+        Task(
+            name="eurosat",
+            classnames=EUROSAT_CLASSES,
+            templates=EUROSAT_TEMPLATES,
+            epochs=12,
+            load=load_eurosat,
+            layout="eurosat/2750/<class>/*.jpg",
+            source="torchvision.datasets.EuroSAT",
+            split_rule="seeded 80/10/10: 21600 / 2700 / 2700 (the release's split was never published)",
+        ),
+        Task(
+            name="gtsrb",
+            classnames=GTSRB_CLASSES,
+            templates=GTSRB_TEMPLATES,
+            epochs=11,
+            load=torchvision_loader("GTSRB", *TV_SPLITS),
+            layout="gtsrb/GTSRB/{Training,Final_Test}/",
+            source="torchvision.datasets.GTSRB",
+        ),
+        Task(
+            name="imagenet",
+            classnames=tuple(open_clip.IMAGENET_CLASSNAMES),
+            templates=tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES),
+            epochs=10,
+            load=load_imagenet,
+            layout="imagenet/{train,val}/<wnid>/*.JPEG",
+            source="by hand: image-net.org (ILSVRC2012), val sorted into wnid folders",
+        ),
+        Task(
+            name="mnist",
+            classnames=tuple("0123456789"),
+            templates=DIGIT_TEMPLATES,
+            epochs=10,
+            load=torchvision_loader("MNIST", *TV_TRAIN_TEST),
+            layout="MNIST/raw/",
+            source="torchvision.datasets.MNIST",
+        ),
+        Task(
+            name="resisc45",
+            classnames=tuple(c.replace("_", " ") for c in RESISC45_CLASSES),
+            templates=SATELLITE_TEMPLATES,
+            epochs=15,
+            load=load_resisc45,
+            layout="resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,test}.txt)",
+            source="by hand: NWPU-RESISC45 (e.g. via torchgeo), with the standard split files",
+            split_rule="train file minus a seeded 10% val; test file (without them: seeded 60/20/20)",
+        ),
+        Task(
+            name="sun397",
+            classnames=None,
+            num_classes=397,
+            epochs=14,
+            load=load_sun397,
+            templates=("a photo of a {}.", "a photo of the {}."),
+            read_classnames=sun397_classes,
+            layout="SUN397/{ClassName.txt,Training_01.txt,Testing_01.txt,<letter>/<class>/*.jpg}",
+            source="torchvision.datasets.SUN397 (37 GB) and Partitions.zip",
+            split_rule="partition 1: train minus a seeded 10% val; test (without it: seeded 80/10/10)",
+        ),
+        Task(
+            name="svhn",
+            classnames=tuple("0123456789"),
+            templates=DIGIT_TEMPLATES,
+            epochs=10,
+            load=torchvision_loader("SVHN", *TV_SPLITS, subdir="svhn"),
+            layout="svhn/{train,test}_32x32.mat",
+            source="torchvision.datasets.SVHN",
+        ),
+        Task(
+            name="synthetic",
+            classnames=tuple(SYNTHETIC_COLOURS),
+            epochs=3,
+            recipe=TINY_RECIPE,
+            templates=("a photo of a {} square.",),
+            load=synthetic_loader("colour"),
+            split_rule="fixed seeds per split: 2400 / 240 / 600",
+        ),
+        Task(
+            name="synthetic-stripes",
+            classnames=tuple(f"{s} stripes" for s in SYNTHETIC_STRIPES),
+            templates=("a photo of {}.",),
+            epochs=3,
+            load=synthetic_loader("stripes"),
+            recipe=TINY_RECIPE,
+            split_rule="fixed seeds per split: 2400 / 240 / 600",
+        ),
+    ]
+}
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+RUN_FLAGS = "lam l2sp label_smoothing reference model pretrained head seed batch_size lr wd warmup"
+RUN_FLAGS = RUN_FLAGS.split() + ["grad_clip"]
+
+
+def run_config(stage, args):
+    """What a resumed stage must share with its checkpoint: these flags, and the task,
+    length and taps the stage derived from them."""
+    derived = {"task": stage.task.name, "epochs": stage.epochs, "total_steps": stage.total_steps}
+    return {**{k: getattr(args, k) for k in RUN_FLAGS}, **derived, "taps": list(stage.taps)}
+
+
+def is_checkpoint_step(step, n, stage, args):
+    epoch_end = step % (n // args.batch_size) == 0
+    periodic = args.save_every and step % args.save_every == 0
+    return epoch_end or periodic or step == stage.total_steps
+
+
+def save_checkpoint(classifier, optimizer, init_head, step, stage, args):
+    """Everything a bitwise-identical resume needs, as state dicts and plain values only."""
+    if stage.rank != 0:
+        return
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    checkpoint = dict(model=classifier.state_dict(), optimizer=optimizer.state_dict(), step=step)
+    rng = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    checkpoint.update(init_head=init_head, config=run_config(stage, args), rng=rng)
+    atomic_save(checkpoint, stage.out / "checkpoint.pt")
+
+
+def load_checkpoint(stage, args):
+    """The stage's checkpoint for --resume, after checking it belongs to this run."""
+    path = stage.out / "checkpoint.pt"
+    try:
+        checkpoint = torch.load(path, map_location=args.device, weights_only=True)
+        saved = checkpoint["config"]
+    except Exception as e:  # truncated, corrupt or not ours
+        raise UserError(
+            f"cannot read checkpoint {path}: {one_line(e)}; delete it to start over"
+        ) from e
+    ours = run_config(stage, args)
+    changed = [
+        f"{flag_name(k)} {v} (checkpoint: {saved.get(k)})"
+        for k, v in ours.items()
+        if saved.get(k) != v
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}"
+        )
+    return checkpoint
+
+
+def flag_name(key):
+    if key == "total_steps":
+        return "total steps (from --epochs, --max-steps)"
+    return "--" + key.replace("_", "-")
+
+
+def restore(checkpoint, classifier, optimizer, stage):
+    """Load a checkpoint into the model and optimizer, restore the RNG, and drop the log lines
+    written after it (the resumed run writes them again); return the step and initial head."""
+    classifier.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
+    log = stage.out / "log.jsonl"
+    if log.exists() and stage.rank == 0:
+        lines = log.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= checkpoint["step"]]
+        log.write_text("".join(line + "\n" for line in kept))
+    return checkpoint["step"], checkpoint["init_head"]
+
+
+def checkpoints_in(out):
+    return [*out.glob("checkpoint.pt"), *out.glob("*/checkpoint.pt")]  # a run, or its stages
+
+
+def check_out(args):
+    """Without --resume, never overwrite a run; with it, there must be one."""
+    if args.resume and not checkpoints_in(args.out):
+        raise UsageError(f"--resume: no checkpoint.pt in {args.out}; run without --resume to start")
+    if not args.resume and checkpoints_in(args.out):
+        raise UsageError(
+            f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+
+
+def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
+    """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable with
+    create_model(name, pretrained=path) or create_model('local-dir:' + out)), the head with
+    its initial value (WiSE-FT mixes both), and metrics.json."""
     clip.visual.load_state_dict(classifier.encoder.state_dict())
-    atomic_save(clip.state_dict(), args.out / "open_clip_pytorch_model.bin")
+    atomic_save(clip.state_dict(), stage.out / "open_clip_pytorch_model.bin")
     head = {k: v.detach().cpu() for k, v in classifier.head.state_dict().items()}
     init = {f"init_{k}": v.cpu() for k, v in init_head.items()}
-    atomic_save({**head, **init, "classnames": list(classnames)}, args.out / "head.pt")
+    atomic_save({**head, **init, "classnames": list(classnames)}, stage.out / "head.pt")
     config = open_clip.get_model_config(args.model)
     if config is not None:
-        config["quick_gelu"] = config.get("quick_gelu", False) or needs_quick_gelu(args.model, args.pretrained)
-        (args.out / "open_clip_config.json").write_text(json.dumps(
-            {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}, indent=2))
-    write_json(metrics, args.out / "metrics.json")
+        config["quick_gelu"] = config.get("quick_gelu") or needs_quick_gelu(
+            args.model, args.pretrained
+        )
+        both = {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}
+        (stage.out / "open_clip_config.json").write_text(json.dumps(both, indent=2))
+    write_json(metrics, stage.out / "metrics.json")
 
 
 def write_json(obj, path):
@@ -1321,160 +1430,324 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def initial_head(clip, encoder, task, classnames, transform, args, pretrained_encoder):
-    """The head's init; an LP-init probe reuses cached features only while the encoder
-    is the pre-trained one (the first stage)."""
-    if args.head == "zs":
-        return zero_shot_head(clip, open_clip.get_tokenizer(args.model), classnames, task.templates, args.device)
-    return probe_head(encoder, task, len(classnames), transform, args, cache=pretrained_encoder)
-
-
-def setup_distributed(args):
-    """Under torchrun (RANK is set): join the process group, NCCL on GPUs, gloo on CPUs."""
-    args.rank, args.world_size = 0, 1
-    if "RANK" not in os.environ:
-        return
-    cuda = args.device.type == "cuda"
-    if cuda:
-        args.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(args.device)
-    # Ranks other than 0 wait while rank 0 downloads and evaluates: allow that an hour.
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1))
-    args.rank, args.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if args.batch_size % args.world_size:
-        raise UsageError(f"--batch-size {args.batch_size} (the global batch) must divide by the "
-                         f"{args.world_size} processes")
-
-
-def run(args):
-    """Fine-tune on each task in turn (one task: a plain run), then summarise."""
-    tasks = resolve_args(args)
-    setup_distributed(args)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 leftovers of bf16
-    (check_resumable if args.resume else refuse_to_overwrite)(args)
-    data = fetch_data(tasks, args)
-    torch.manual_seed(args.seed)
-    clip, train_transform, eval_transform = load_clip(args.model, args.pretrained, args.device)
-    args.taps = tap_names(clip.visual, args.taps)
-    pretrained = frozen_copy(clip.visual)
-    continual, heads, matrix = len(tasks) > 1, {}, []
-    for k, task in enumerate(tasks):
-        stage = stage_args(args, k, task, continual)
-        reference = pretrained if k == 0 or args.reference == "pretrained" else frozen_copy(clip.visual)
-        heads[task.name] = finetune(clip, reference, pretrained, task, data[task.name],
-                                    (train_transform, eval_transform), stage)
-        if continual and args.rank == 0:
-            matrix.append(seen_task_accuracies(clip.visual, tasks[:k + 1], heads, data, eval_transform, stage))
-    if continual and args.rank == 0:
-        summarise_sequence(tasks, matrix, args)
-
-
-def fetch_data(tasks, args):
-    """{task: (train, test)} datasets, downloaded (or found) before the model is, by rank
-    0 alone under torchrun."""
-    if args.rank > 0:
-        torch.distributed.barrier()
-    data = {task.name: tuple(get_dataset(task, split, args.data_root, download=args.download)
-                             for split in ("train", "test")) for task in tasks}
-    if args.rank == 0 and args.world_size > 1:
-        torch.distributed.barrier()
-    return data
-
-
-def finetune(clip, reference, pretrained, task, data, transforms, args):
-    """One stage: train clip.visual and a new head on `task`'s (train, test) `data` (or
-    load a finished stage), save, evaluate; return the head's weight."""
-    train_transform, eval_transform = transforms
-    train_images, test_data = data
-    if len(train_images) < args.batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the {len(train_images)} training images")
-    steps = args.epochs * (len(train_images) // args.batch_size)
-    args.total_steps = min(steps, args.max_steps or steps)
-    checkpoint = load_checkpoint(args) if args.resume and (args.out / "checkpoint.pt").exists() else None
-    if checkpoint and checkpoint["step"] == args.total_steps and "test_accuracy" in read_metrics(args.out):
-        return load_finished_stage(clip, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    classnames = class_names(task, args.data_root)
-    encoder = clip.visual
-    head = (linear_head(checkpoint["model"]["head.weight"], checkpoint["model"]["head.bias"]) if checkpoint else
-            initial_head(clip, encoder, task, classnames, eval_transform, args, pretrained_encoder=args.stage == 0))
-    classifier = ImageClassifier(encoder, head)
-    optimizer = make_optimizer(classifier.parameters(), args)
-    start_step, init_head = (restore(checkpoint, classifier, optimizer, args) if checkpoint
-                             else (0, {k: v.detach().clone() for k, v in head.state_dict().items()}))
-    start = time.perf_counter()
-    metrics = train(classifier, reference, Augmented(train_images, train_transform, args.seed), optimizer,
-                    init_head, start_step, args)
-    if args.rank == 0:
-        metrics.update(train_seconds=time.perf_counter() - start, **{k: getattr(args, k) for k in RUN_CONFIG},
-                       eval_tasks=args.eval_tasks, world_size=args.world_size, stage=args.stage,
-                       sequence=args.sequence)
-        report(clip, classifier, pretrained, classnames, init_head, test_data, eval_transform, metrics, args)
-    return head
-
-
 def read_metrics(out):
     path = out / "metrics.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_finished_stage(clip, args):
+def load_finished_stage(clip, stage, args):
     """A stage that already finished: its encoder into clip.visual, and its head."""
-    weights = torch.load(args.out / "open_clip_pytorch_model.bin", map_location=args.device, weights_only=True)
-    clip.load_state_dict(weights)
-    print(f"{args.task}: stage {args.stage} already finished in {args.out}; loaded it")
-    head = torch.load(args.out / "head.pt", map_location=args.device, weights_only=True)
+    weights = stage.out / "open_clip_pytorch_model.bin"
+    clip.load_state_dict(torch.load(weights, map_location=args.device, weights_only=True))
+    print(f"{stage.task.name}: stage {stage.index} already finished in {stage.out}; loaded it")
+    head = torch.load(stage.out / "head.pt", map_location=args.device, weights_only=True)
     return linear_head(head["weight"], head["bias"])
 
 
-def report(clip, classifier, pretrained, classnames, init_head, test_data, transform, metrics, args):
-    """Save the outputs, then evaluate: target accuracy and the forgetting table against
-    the original pre-trained encoder."""
-    save_outputs(clip, classifier, classnames, init_head, metrics, args)  # before evaluating: nothing lost
-    test_x, test_y = extract_features(classifier.encoder, Transformed(test_data, transform), args)
-    metrics["test_accuracy"] = probe_accuracy(classifier.head, test_x, test_y)
+# ---------------------------------------------------------------------- the command line
+
+
+class UserError(Exception):
+    """A problem the user can fix; main prints it as one line, without a traceback."""
+
+
+class UsageError(UserError):
+    """A bad flag or argument: exit status 2, as argparse uses."""
+
+
+class DataMissing(UserError):
+    pass
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class BadImage(UserError):
+    pass
+
+
+def user_message(error):
+    """A UserError's own line. DataLoader workers re-raise ours with the worker's traceback
+    in the message; its last line is ours."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def one_line(error, limit=200):
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+DATA_ROOT = os.environ.get("LDIFS_DATA", "~/data")
+CACHE_DIR = os.environ.get("LDIFS_CACHE", "~/.cache/ldifs")
+WORKERS = min(8, len(os.sched_getaffinity(0)))
+DEFAULT_EVAL_TASKS = "cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat"  # torchvision downloads them
+RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
+RELEASE_RECIPE["eval_tasks"] = DEFAULT_EVAL_TASKS
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block; exit 2 as argparse does
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    """The flags; those marked [..] default to the task's recipe (see README, Flags)."""
+    about = "Fine-tune CLIP with LDIFS and measure concept forgetting."
+    p = ArgumentParser(description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--task", default="eurosat", help="a task, a,b,c for a continual run, or folder:PATH")
+    add("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0: plain FT")
+    add("--l2sp", type=float, default=0.0, help="L2-SP baseline weight (the release uses 0.5)")
+    add("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline's epsilon")
+    add(
+        "--reference",
+        choices=["previous", "pretrained"],
+        default="previous",
+        help="continual runs: the reference for task k is the encoder after task k-1, or the original",
+    )
+    add("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32]")
+    add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
+    add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
+    add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
+    add("--templates", help="prompt templates file, one a line with {} [the task's own]")
+    add("--data-root", default=DATA_ROOT, help="where data is read and downloaded ($LDIFS_DATA)")
+    add("--out", type=Path, help="run directory [runs/<task>-lam<lam>]")
+    add("--epochs", type=int, help="training epochs per task [the release's for each task]")
+    add("--max-steps", type=int, help="stop after this many optimizer steps")
+    add("--batch-size", type=int, help="global batch size [128]")
+    add("--lr", type=float, help="peak AdamW learning rate [1e-5]")
+    add("--wd", type=float, default=0.1, help="AdamW weight decay")
+    add("--warmup", type=int, help="linear warm-up steps before the cosine decay [500]")
+    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    add("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    add("--device", help="torch device [cuda if available, else cpu]")
+    add("--workers", type=int, default=WORKERS, help="data-loading worker processes")
+    add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
+    add("--log-every", type=int, default=10, help="steps between log lines")
+    add("--save-every", type=int, default=1000, help="steps between checkpoints (and each epoch)")
+    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    add("--no-download", dest="download", action="store_false", help="never download data")
+    add("--eval-tasks", help=f"tasks to measure forgetting on, or 'none' [{DEFAULT_EVAL_TASKS}]")
+    add("--cache-dir", default=CACHE_DIR, help="cache of pre-trained features ($LDIFS_CACHE)")
+    add("--list-tasks", action="store_true", help="list the tasks and where their data goes")
+    return p.parse_args(argv)
+
+
+def list_tasks(root):
+    print(f"{'task':17} {'classes':>7} {'templates':>9} {'download':>8}  data expected at")
+    for t in TASKS.values():
+        where = os.path.join(os.path.expanduser(root), t.layout) if t.layout else "(generated)"
+        fetch = "auto" if t.downloads else "manual" if t.layout else "-"
+        print(
+            f"{t.name:17} {t.num_classes:>7} {len(t.templates):>9} {fetch:>8}  {where}  "
+            f"[split: {t.split_rule}]"
+        )
+    print("folder:PATH: your own images in PATH/{train,test}/<class>/* (val/ optional)")
+
+
+def resolve_args(args):
+    """Fill the unset flags from the first task's recipe and check them, once; return the
+    tasks to fine-tune on, in order."""
+    tasks = [get_task(name) for name in args.task.split(",")]
+    if args.templates:
+        tasks = [dataclasses.replace(t, templates=read_templates(args.templates)) for t in tasks]
+    names = [task.name for task in tasks]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--task {args.task!r} repeats a task; a sequence visits each task once")
+    for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
+        args.pretrained = os.path.abspath(args.pretrained)
+    args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
+    args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
+    args.device = pick_device(args.device)
+    check_args(args)
+    return tasks
+
+
+def parse_eval_tasks(value):
+    """The eval tasks named in `value` ('a,b' or 'none')."""
+    return [] if value == "none" else [get_task(name).name for name in value.split(",") if name]
+
+
+def read_templates(path):
+    """--templates FILE: one prompt template a line, each with {} for the class name."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise UsageError(f"--templates {path}: {one_line(e)}") from e
+    if not lines or any("{}" not in line for line in lines):
+        raise UsageError(
+            f"--templates {path}: need one template a line, each with {{}} for the class"
+        )
+    return tuple(lines)
+
+
+def check_args(args):
+    value = functools.partial(getattr, args)
+    positive = "batch_size epochs max_steps log_every eval_batch_size".split()
+    non_negative = "lam l2sp label_smoothing lr wd warmup workers save_every".split()
+    problems = [
+        f"{flag_name(k)} must be positive, got {value(k)}"
+        for k in positive
+        if value(k) is not None and value(k) <= 0
+    ]
+    problems += [
+        f"{flag_name(k)} must be >= 0, got {value(k)}" for k in non_negative if value(k) < 0
+    ]
+    if args.label_smoothing >= 1:
+        problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def pick_device(name):
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def setup_distributed(args):
+    """Under torchrun (RANK is set), join the process group, NCCL on GPUs and gloo on CPUs;
+    return this process's rank and the number of processes."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    cuda = args.device.type == "cuda"
+    if cuda:  # "cuda" is then this process's GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # Ranks other than 0 wait while rank 0 downloads and evaluates: allow that an hour.
+    timeout = datetime.timedelta(hours=1)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    world_size = torch.distributed.get_world_size()
+    if args.batch_size % world_size:
+        raise UsageError(
+            f"--batch-size {args.batch_size} (the global batch) must divide by the "
+            f"{world_size} processes"
+        )
+    return torch.distributed.get_rank(), world_size
+
+
+def stage_folder(k, name):
+    """Where stage k of a continual run writes, inside --out."""
+    return f"{k}-{file_safe(name)}"
+
+
+def plan_stage(k, tasks, n_train, taps, shard, args):
+    """Stage k of the run: its task, folder, length and taps, on this process's shard."""
+    if n_train < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {n_train} training images")
+    task = tasks[k]
+    epochs = task.epochs if args.epochs is None else args.epochs
+    steps = epochs * (n_train // args.batch_size)
+    out = args.out / stage_folder(k, task.name) if len(tasks) > 1 else args.out
+    sequence = tuple(t.name for t in tasks)
+    total_steps = min(steps, args.max_steps or steps)
+    return Stage(task, k, sequence, out, epochs, total_steps, tuple(taps), *shard)
+
+
+def run(args):
+    """Fine-tune on each task in turn (one task: a plain run), then summarise."""
+    tasks = resolve_args(args)
+    shard = setup_distributed(args)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+        True  # for fp32 leftovers
+    )
+    check_out(args)
+    data = fetch_data(tasks, shard[0], args)
+    torch.manual_seed(args.seed)
+    clip, *transforms = load_clip(args.model, args.pretrained, args.device)
+    taps = tap_names(clip.visual, args.taps)
+    pretrained = frozen_copy(clip.visual)
+    heads, matrix, main = {}, [], shard[0] == 0
+    for k, task in enumerate(tasks):
+        stage = plan_stage(k, tasks, len(data[task.name][0]), taps, shard, args)
+        previous = k > 0 and args.reference == "previous"
+        reference = frozen_copy(clip.visual) if previous else pretrained
+        heads[task.name] = finetune(
+            clip, reference, pretrained, data[task.name], transforms, stage, args
+        )
+        if len(tasks) > 1 and main:
+            seen = tasks[: k + 1]
+            matrix.append(seen_task_accuracies(clip.visual, seen, heads, data, transforms[1], args))
+    if len(tasks) > 1 and main:
+        summarise_sequence(tasks, matrix, args)
+
+
+def fetch_data(tasks, rank, args):
+    """{task: (train, test)} datasets, downloaded (or found) before the model is, by rank 0
+    alone under torchrun."""
+    if rank > 0:
+        torch.distributed.barrier()
+    load = functools.partial(get_dataset, root=args.data_root, download=args.download)
+    data = {t.name: (load(t, "train"), load(t, "test")) for t in tasks}
+    if rank == 0 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return data
+
+
+def finetune(clip, reference, pretrained, data, transforms, stage, args):
+    """One stage: train clip.visual and a new head on the stage's (train, test) `data` (or
+    load a finished stage), save, evaluate; return the head."""
+    (train_images, test_data), (train_transform, eval_transform) = data, transforms
+    resume = args.resume and (stage.out / "checkpoint.pt").exists()
+    checkpoint = load_checkpoint(stage, args) if resume else None
+    if (
+        checkpoint
+        and checkpoint["step"] == stage.total_steps
+        and "test_accuracy" in read_metrics(stage.out)
+    ):
+        return load_finished_stage(clip, stage, args)
+    stage.out.mkdir(parents=True, exist_ok=True)
+    classnames = class_names(stage.task, args.data_root)
+    if checkpoint:
+        head = linear_head(checkpoint["model"]["head.weight"], checkpoint["model"]["head.bias"])
+    else:
+        head = initial_head(clip, stage.task, classnames, eval_transform, stage, args)
+    classifier = ImageClassifier(clip.visual, head)
+    optimizer = make_optimizer(classifier.parameters(), args)
+    if checkpoint:
+        start_step, init_head = restore(checkpoint, classifier, optimizer, stage)
+    else:
+        start_step, init_head = 0, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    start, images = time.perf_counter(), Augmented(train_images, train_transform, args.seed)
+    metrics = train(classifier, reference, images, optimizer, init_head, start_step, stage, args)
+    if stage.rank == 0:
+        metrics.update(train_seconds=time.perf_counter() - start, **run_config(stage, args))
+        metrics.update(eval_tasks=args.eval_tasks, world_size=stage.world_size)
+        metrics.update(stage=stage.index, sequence=list(stage.sequence))
+        save_outputs(clip, classifier, classnames, init_head, metrics, stage, args)  # nothing lost
+        report(clip, classifier, pretrained, test_data, eval_transform, metrics, stage, args)
+    return head
+
+
+def report(clip, classifier, pretrained, test_data, transform, metrics, stage, args):
+    """Evaluate the saved stage: target accuracy and the forgetting table against the
+    original pre-trained encoder."""
+    test = extract_features(classifier.encoder, Transformed(test_data, transform), args)
+    metrics["test_accuracy"] = probe_accuracy(classifier.head, *test)
     rate = metrics["train_images_per_second"] or float("nan")
-    print(f"{args.task}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['steps']} steps "
-          f"({rate:.1f} images/s); outputs in {args.out}")
+    print(
+        f"{stage.task.name}: test accuracy {metrics['test_accuracy']:.4f} after "
+        f"{metrics['steps']} steps ({rate:.1f} images/s); outputs in {stage.out}"
+    )
     if args.eval_tasks:
-        metrics["forgetting"] = evaluate_forgetting(pretrained, classifier.encoder, clip, transform, args)
-        print(f"\nConcept forgetting after fine-tuning on {args.task} (lam {args.lam:g}), accuracy in %:\n")
+        metrics["forgetting"] = evaluate_forgetting(
+            pretrained, classifier.encoder, clip, transform, args
+        )
+        print(
+            f"\nConcept forgetting after fine-tuning on {stage.task.name} (lam {args.lam:g}), "
+            "accuracy in %:\n"
+        )
         print(forgetting_table(metrics["forgetting"]))
-    write_json(metrics, args.out / "metrics.json")
-
-
-def seen_task_accuracies(encoder, seen, heads, data, transform, args):
-    """Test accuracy on every task seen so far, each with its own head."""
-    row = []
-    for task in seen:
-        test = Transformed(data[task.name][1], transform)
-        row.append(probe_accuracy(heads[task.name], *extract_features(encoder, test, args)))
-    return row
-
-
-def summarise_sequence(tasks, matrix, args):
-    """The accuracy matrix (after stage k, on task i), the final average accuracy and
-    backward transfer: mean over i < T of acc(T, i) - acc(i, i)."""
-    last = matrix[-1]
-    summary = {"tasks": [t.name for t in tasks], "accuracy_matrix": matrix,
-               "average_accuracy": sum(last) / len(last),
-               "backward_transfer": sum(last[i] - matrix[i][i] for i in range(len(tasks) - 1)) / (len(tasks) - 1),
-               "lam": args.lam, "l2sp": args.l2sp, "reference": args.reference}
-    names = summary["tasks"]
-    lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for k, row in enumerate(matrix):
-        cells = [f"{100 * a:.1f}" for a in row] + [""] * (len(names) - len(row))
-        lines.append(f"| {k}: {names[k]} | " + " | ".join(cells) + " |")
-    print(f"\nContinual fine-tuning, test accuracy in % (lam {args.lam:g}, l2sp {args.l2sp:g}):\n")
-    print("\n".join(lines))
-    print(f"\naverage accuracy {100 * summary['average_accuracy']:.1f}, "
-          f"backward transfer {100 * summary['backward_transfer']:+.1f}")
-    write_json(summary, args.out / "metrics.json")
-    return summary
+    write_json(metrics, stage.out / "metrics.json")
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors that we re-state in one line
+    logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
     args = parse_args(argv)
     if args.list_tasks:
         return list_tasks(args.data_root)

@@ -40,30 +40,30 @@ def tiny_args(tmp_path, *flags):
 
 def tiny_setup(tmp_path, *flags, steps=8):
     """The pieces of a run, with a zero-shot head so CE starts high and has room to fall."""
-    args = tiny_args(tmp_path, "--head", "zs", *flags)
+    args = tiny_args(tmp_path, "--head", "zs", "--log-every", "1", *flags)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     clip, train_tf, _ = ldifs.load_clip(args.model, args.pretrained, args.device)
-    args.total_steps, args.taps, args.log_every = steps, ldifs.default_tap_names(clip.visual), 1
-    reference = ldifs.frozen_copy(clip.visual)
     task = ldifs.TASKS["synthetic"]
+    taps = tuple(ldifs.default_tap_names(clip.visual))
+    stage = ldifs.Stage(task, 0, (task.name,), args.out, task.epochs, steps, taps)
+    reference = ldifs.frozen_copy(clip.visual)
     tokenizer = open_clip.get_tokenizer(args.model)
     head = ldifs.zero_shot_head(clip, tokenizer, task.classnames, task.templates, args.device)
     classifier = ldifs.ImageClassifier(clip.visual, head)
     data = ldifs.Augmented(ldifs.get_dataset("synthetic", "train", args.data_root), train_tf, args.seed)
-    return args, classifier, reference, data
+    return args, stage, classifier, reference, data
 
 
-def fit(args, classifier, reference, data):
+def fit(args, stage, classifier, reference, data):
     """ldifs.train from step 0 with a fresh optimizer, in this process."""
-    args.rank, args.world_size = 0, 1
     optimizer = ldifs.make_optimizer(classifier.parameters(), args)
     init_head = {k: v.detach().clone() for k, v in classifier.head.state_dict().items()}
-    return ldifs.train(classifier, reference, data, optimizer, init_head, 0, args)
+    return ldifs.train(classifier, reference, data, optimizer, init_head, 0, stage, args)
 
 
-def read_log(args):
-    return [json.loads(line) for line in (args.out / "log.jsonl").read_text().splitlines()]
+def read_log(stage):
+    return [json.loads(line) for line in (stage.out / "log.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ the regulariser
@@ -145,10 +145,10 @@ def test_resnet_taps_are_stem_and_four_layers():
 
 
 def test_reference_is_frozen_and_unchanged_by_training(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, steps=3)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=3)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
-    fit(args, classifier, reference, data)
+    fit(args, stage, classifier, reference, data)
     assert not any(p.requires_grad for p in reference.parameters())
     assert all(p.grad is None for p in reference.parameters())
     assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
@@ -162,58 +162,58 @@ def count_forwards(module):
 
 
 def test_one_trainable_pass_per_step_and_one_reference_pass(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, steps=4)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=4)
     trainable, frozen = count_forwards(classifier.encoder), count_forwards(reference)
-    fit(args, classifier, reference, data)
+    fit(args, stage, classifier, reference, data)
     assert len(trainable) == 4 and len(frozen) == 4
 
 
 def test_lam_zero_never_runs_the_reference(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, "--lam", "0", steps=4)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--lam", "0", steps=4)
     frozen = count_forwards(reference)
-    fit(args, classifier, reference, data)
+    fit(args, stage, classifier, reference, data)
     assert frozen == []
-    assert all(r["loss/ldifs"] == 0 for r in read_log(args))
+    assert all(r["loss/ldifs"] == 0 for r in read_log(stage))
 
 
 # ------------------------------------------------------------------ training
 
 def test_ce_falls_on_synthetic(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, "--lam", "0", steps=12)
-    fit(args, classifier, reference, data)
-    ce = [r["loss/ce"] for r in read_log(args)]
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--lam", "0", steps=12)
+    fit(args, stage, classifier, reference, data)
+    ce = [r["loss/ce"] for r in read_log(stage)]
     assert sum(ce[-3:]) / 3 < 0.5 * sum(ce[:3]) / 3
 
 
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path)
     images = torch.stack([data[i][0] for i in range(8)])
     labels = torch.tensor([data[i][1] for i in range(8)])
-    with ldifs.recorded_taps(classifier.encoder, args.taps) as taps, ldifs.recorded_taps(reference, args.taps) as ref_taps:
+    with ldifs.recorded_taps(classifier.encoder, stage.taps) as taps, ldifs.recorded_taps(reference, stage.taps) as ref_taps:
         ce, distance = ldifs.ldifs_loss(classifier.train(), reference, taps, ref_taps, images, labels, 10.0)
     # not bitwise 0: the frozen copy's attention may take torch's fused inference path
     assert abs(distance.item()) < 1e-10 and ce.item() > 0
 
 
 def test_label_smoothing_is_torchs_in_the_training_loss(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, "--label-smoothing", "0.2", steps=1)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--label-smoothing", "0.2", steps=1)
     batch = next(ldifs.step_batches(len(data), args.batch_size, args.seed, 0, 1))
     images = torch.stack([data[i][0] for i in batch])
     labels = torch.tensor([data[i][1] for i in batch])
     with torch.no_grad():
         logits = copy.deepcopy(classifier)(images)
-    fit(args, classifier, reference, data)
-    logged = read_log(args)[0]["loss/ce"]
+    fit(args, stage, classifier, reference, data)
+    logged = read_log(stage)[0]["loss/ce"]
     expected = F.cross_entropy(logits, labels, label_smoothing=0.2).item()
     assert logged == pytest.approx(expected, rel=1e-5)
     assert abs(F.cross_entropy(logits, labels).item() - expected) > 1e-3
 
 
 def final_drift(tmp_path, lam):
-    args, classifier, reference, data = tiny_setup(tmp_path, "--lam", str(lam), steps=15)
-    fit(args, classifier, reference, data)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--lam", str(lam), steps=15)
+    fit(args, stage, classifier, reference, data)
     images = torch.stack([data[i][0] for i in range(32)])
-    with ldifs.recorded_taps(classifier.encoder, args.taps) as taps, ldifs.recorded_taps(reference, args.taps) as ref_taps:
+    with ldifs.recorded_taps(classifier.encoder, stage.taps) as taps, ldifs.recorded_taps(reference, stage.taps) as ref_taps:
         with torch.no_grad():
             classifier.encoder.eval()(images)
             reference(images)
@@ -741,16 +741,15 @@ def test_feature_cache_hits_misses_on_key_change_and_recomputes_corrupt_entries(
 
 
 def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
-    args = tiny_args(tmp_path)
-    task = ldifs.TASKS["synthetic"]
-    key = ldifs.feature_key(args, task, "train", "T1")
-    assert key != ldifs.feature_key(args, task, "test", "T1") != ldifs.feature_key(args, task, "train", "T2")
+    task, tag = ldifs.TASKS["synthetic"], ldifs.weights_key("m", "openai")
+    key = ldifs.feature_key(tag, task, "train", "T1")
+    assert key != ldifs.feature_key(tag, task, "test", "T1") != ldifs.feature_key(tag, task, "train", "T2")
+    assert key != ldifs.feature_key(ldifs.weights_key("other", "openai"), task, "train", "T1")
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"1")
-    args.pretrained = str(weights)
-    first = ldifs.feature_key(args, task, "train", "T1")
+    first = ldifs.feature_key(ldifs.weights_key("m", str(weights)), task, "train", "T1")
     weights.write_bytes(b"22")
-    assert ldifs.feature_key(args, task, "train", "T1") != first
+    assert ldifs.feature_key(ldifs.weights_key("m", str(weights)), task, "train", "T1") != first
 
 
 # ------------------------------------------------------------------ benchmarks (opt-in)
@@ -825,7 +824,7 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, steps=6)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=6)
     args.save_every = 2
     forwards = []
 
@@ -835,7 +834,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
     classifier.head.register_forward_hook(poison)
     with pytest.raises(ldifs.NonFiniteLoss, match="step 4") as error:
-        fit(args, classifier, reference, data)
+        fit(args, stage, classifier, reference, data)
     assert "intact" in str(error.value)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 4
@@ -961,11 +960,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @cuda
 def test_cuda_bf16_steps_stay_finite_reference_gets_no_gradient_and_memory_is_cudas(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=6)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=6)
     torch.cuda.reset_peak_memory_stats()
     before = {k: v.clone() for k, v in reference.state_dict().items()}
-    metrics = fit(args, classifier, reference, data)
-    log = read_log(args)
+    metrics = fit(args, stage, classifier, reference, data)
+    log = read_log(stage)
     assert all(math.isfinite(r["loss/ce"]) and math.isfinite(r["ldifs_distance"]) for r in log)
     assert log[-1]["ldifs_distance"] > 0
     assert all(p.grad is None for p in reference.parameters())
@@ -975,15 +974,15 @@ def test_cuda_bf16_steps_stay_finite_reference_gets_no_gradient_and_memory_is_cu
 
 @cuda
 def test_cuda_distance_is_accumulated_in_fp32_under_bf16_autocast(tmp_path):
-    args, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=1)
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=1)
     images = torch.stack([data[i][0] for i in range(16)]).cuda()
     labels = torch.tensor([data[i][1] for i in range(16)]).cuda()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
     with ldifs.autocast(args.device):  # move the encoder away from the reference first
         F.cross_entropy(classifier(images), labels).backward()
     optimizer.step()
-    with (ldifs.recorded_taps(classifier.encoder, args.taps) as taps,
-          ldifs.recorded_taps(reference, args.taps) as ref_taps, ldifs.autocast(args.device)):
+    with (ldifs.recorded_taps(classifier.encoder, stage.taps) as taps,
+          ldifs.recorded_taps(reference, stage.taps) as ref_taps, ldifs.autocast(args.device)):
         _, distance = ldifs.ldifs_loss(classifier, reference, taps, ref_taps, images, labels, 10.0)
     assert distance.dtype == torch.float32
     exact = ldifs.ldifs_distance([t.double().cpu() for t in taps.values()],
@@ -1026,9 +1025,9 @@ SEQUENCE = ["--task", "synthetic,synthetic-stripes", "--max-steps", "6", "--save
 def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(tmp_path, capsys, monkeypatch):
     references, ends, real = [], [], ldifs.finetune
 
-    def spy(clip, reference, pretrained, task, data, transforms, args):
+    def spy(clip, reference, pretrained, data, transforms, stage, args):
         references.append({k: v.clone() for k, v in reference.state_dict().items()})
-        head = real(clip, reference, pretrained, task, data, transforms, args)
+        head = real(clip, reference, pretrained, data, transforms, stage, args)
         ends.append({k: v.clone() for k, v in clip.visual.state_dict().items()})
         return head
 
@@ -1064,9 +1063,9 @@ def test_continual_resume_mid_sequence_matches_an_unbroken_sequence(tmp_path, ca
     assert run_main(ldifs, SEQUENCE + ["--out", str(tmp_path / "unbroken")], capsys)[0] == 0
     real = ldifs.save_checkpoint
 
-    def die_in_stage_1(classifier, optimizer, init_weight, step, args):
-        real(classifier, optimizer, init_weight, step, args)
-        if args.stage == 1 and step == 4:
+    def die_in_stage_1(classifier, optimizer, init_head, step, stage, args):
+        real(classifier, optimizer, init_head, step, stage, args)
+        if stage.index == 1 and step == 4:
             raise Killed
 
     monkeypatch.setattr(ldifs, "save_checkpoint", die_in_stage_1)
@@ -1085,10 +1084,10 @@ def test_continual_resume_mid_sequence_matches_an_unbroken_sequence(tmp_path, ca
 def test_l2sp_term_is_zero_at_step_zero_and_keeps_weights_closer(tmp_path):
     distances = {}
     for alpha in ("0", "0.5"):
-        args, classifier, reference, data = tiny_setup(tmp_path / alpha, "--lam", "0", "--l2sp", alpha, steps=15)
+        args, stage, classifier, reference, data = tiny_setup(tmp_path / alpha, "--lam", "0", "--l2sp", alpha, steps=15)
         assert ldifs.l2sp_penalty(classifier.encoder, reference).item() == 0.0
-        fit(args, classifier, reference, data)
-        assert read_log(args)[0]["loss/l2sp"] == 0.0  # measured at step 0, before any update
+        fit(args, stage, classifier, reference, data)
+        assert read_log(stage)[0]["loss/l2sp"] == 0.0  # measured at step 0, before any update
         distances[alpha] = ldifs.l2sp_penalty(classifier.encoder, reference).item()
     assert distances["0.5"] < distances["0"], distances
 
