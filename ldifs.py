@@ -1227,7 +1227,7 @@ TASKS = {
             load=load_eurosat,
             layout="eurosat/2750/<class>/*.jpg",
             source="torchvision.datasets.EuroSAT",
-            split_rule="seeded 80/10/10: 21600 / 2700 / 2700 (the release's split was never published)",
+            split_rule="seeded 80/10/10: 21600 / 2700 / 2700 (the release's split is unpublished)",
         ),
         Task(
             name="gtsrb",
@@ -1264,7 +1264,7 @@ TASKS = {
             load=load_resisc45,
             layout="resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,test}.txt)",
             source="by hand: NWPU-RESISC45 (e.g. via torchgeo), with the standard split files",
-            split_rule="train file minus a seeded 10% val; test file (without them: seeded 60/20/20)",
+            split_rule="train file minus a seeded 10% val; test file (else seeded 60/20/20)",
         ),
         Task(
             name="sun397",
@@ -1276,7 +1276,7 @@ TASKS = {
             read_classnames=sun397_classes,
             layout="SUN397/{ClassName.txt,Training_01.txt,Testing_01.txt,<letter>/<class>/*.jpg}",
             source="torchvision.datasets.SUN397 (37 GB) and Partitions.zip",
-            split_rule="partition 1: train minus a seeded 10% val; test (without it: seeded 80/10/10)",
+            split_rule="partition 1: train minus a seeded 10% val; test (else seeded 80/10/10)",
         ),
         Task(
             name="svhn",
@@ -1508,7 +1508,7 @@ def parse_args(argv=None):
         "--reference",
         choices=["previous", "pretrained"],
         default="previous",
-        help="continual runs: the reference for task k is the encoder after task k-1, or the original",
+        help="continual runs: reference for task k = the encoder after task k-1, or the original",
     )
     add("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32]")
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
