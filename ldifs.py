@@ -1496,8 +1496,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """The flags; those marked [..] default to the task's recipe (see README, Flags)."""
-    about = "Fine-tune CLIP with LDIFS and measure concept forgetting."
+    about = "Fine-tune CLIP with LDIFS and measure concept forgetting. [..]: the task's recipe."
     p = ArgumentParser(description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--task", default="eurosat", help="a task, a,b,c for a continual run, or folder:PATH")
