@@ -238,7 +238,7 @@ def plot(rows, path, x_key):
     axes.set_title("Target accuracy against forgetting (lines: WiSE-FT)")
     axes.legend(loc="lower left")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")  # the run labels may stick out
     plt.close(figure)
 
 
