@@ -376,22 +376,22 @@ def test_run_ends_with_a_forgetting_table(two_runs):
     assert all(0 <= row[k] <= 1 for k in row if not k.startswith("delta"))
 
 
+def compare_runs(root, tmp_path, *flags):
+    """eval.py on the two runs with one WiSE-FT mix; the results as JSON in tmp_path/e.json."""
+    runs, cache, out = (
+        [str(root / "lam0"), str(root / "lam10")],
+        str(root / "cache"),
+        tmp_path / "e.json",
+    )
+    flags = ["--wise-ft", "0.5", "--workers", "0", "--cache-dir", cache, "--json", str(out), *flags]
+    result = run_cli(*runs, *flags, script="eval.py")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_eval_compares_runs_and_wise_ft(two_runs, tmp_path):
     root, _ = two_runs
-    result = run_cli(
-        str(root / "lam0"),
-        str(root / "lam10"),
-        "--wise-ft",
-        "0.5",
-        "--workers",
-        "0",
-        "--cache-dir",
-        str(root / "cache"),
-        "--json",
-        str(tmp_path / "e.json"),
-        script="eval.py",
-    )
-    assert result.returncode == 0, result.stderr
+    result = compare_runs(root, tmp_path)
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     labels = [line.split("|")[1].strip() for line in table[1:]]
     assert (
@@ -978,32 +978,35 @@ RESUME_FLAGS = [
 ]
 
 
+def start_cli(*flags, stderr=subprocess.DEVNULL):
+    command = [sys.executable, str(HERE / "ldifs.py"), *flags]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+    )
+
+
+def wait_for_checkpoint(process, out):
+    deadline = time.time() + 120
+    while (
+        not (out / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None
+    ):
+        time.sleep(0.005)
+
+
+def kill_after_first_checkpoint(flags, out):
+    """Start ldifs.py, SIGKILL it as soon as its first checkpoint exists."""
+    process = start_cli(*flags, "--out", str(out))
+    wait_for_checkpoint(process, out)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+
+
 def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
     unbroken = run_cli(*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path / "unbroken"))
     assert unbroken.returncode == 0, unbroken.stderr
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable,
-        str(HERE / "ldifs.py"),
-        *RESUME_FLAGS,
-        "--workers",
-        "2",
-        "--out",
-        str(killed),
-    ]
-    process = subprocess.Popen(
-        command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while (
-        not (killed / "checkpoint.pt").exists()
-        and time.time() < deadline
-        and process.poll() is None
-    ):
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    kill_after_first_checkpoint([*RESUME_FLAGS, "--workers", "2"], killed)
     step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 2 <= step < 16
     resumed = run_cli(*RESUME_FLAGS, "--workers", "2", "--out", str(killed), "--resume")
@@ -1013,9 +1016,7 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
         b = torch.load(killed / name, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor)), name
     steps = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
-    assert (
-        steps == sorted(set(steps)) and steps[-1] == 16
-    )  # no duplicated log lines after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # no log line twice after the resume
 
 
 def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
@@ -1279,22 +1280,7 @@ def test_cuda_kill_and_resume_ends_near_an_unbroken_run(tmp_path):
     unbroken = run_cli(*flags, "--out", str(tmp_path / "unbroken"))
     assert unbroken.returncode == 0, unbroken.stderr
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, str(HERE / "ldifs.py"), *flags, "--out", str(killed)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while (
-        not (killed / "checkpoint.pt").exists()
-        and time.time() < deadline
-        and process.poll() is None
-    ):
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    kill_after_first_checkpoint(flags, killed)
     resumed = run_cli(*flags, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = (
@@ -1656,36 +1642,10 @@ def test_folder_tasks_in_a_sequence_and_in_eval_py(tmp_path, capsys):
 def test_undecodable_image_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 30, "test": 2})
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(HERE / "ldifs.py"),
-        "--task",
-        f"folder:{root}",
-        "--max-steps",
-        "60",
-        "--save-every",
-        "1",
-        "--eval-tasks",
-        "none",
-        "--head",
-        "zs",
-        "--out",
-        str(out),
-        *FOLDER_FLAGS[:-2],
-        "--workers",
-        "2",
-    ]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.005)
+    flags = ["--task", f"folder:{root}", "--max-steps", "60", "--save-every", "1", "--head", "zs"]
+    flags += ["--eval-tasks", "none", "--out", str(out), *FOLDER_FLAGS[:-2], "--workers", "2"]
+    process = start_cli(*flags, stderr=subprocess.PIPE)
+    wait_for_checkpoint(process, out)
     for image in (root / "train").rglob("*.jpg"):
         image.write_bytes(b"not a jpeg")
     err = process.communicate(timeout=120)[1]
@@ -1880,27 +1840,10 @@ def test_eval_plots_target_accuracy_against_forgetting(two_runs, tmp_path):
     pytest.importorskip("matplotlib")
     root, _ = two_runs
     png = tmp_path / "tradeoff.png"
-    result = run_cli(
-        str(root / "lam0"),
-        str(root / "lam10"),
-        "--wise-ft",
-        "0.5",
-        "--workers",
-        "0",
-        "--cache-dir",
-        str(root / "cache"),
-        "--plot",
-        str(png),
-        "--json",
-        str(tmp_path / "e.json"),
-        script="eval.py",
-    )
-    assert result.returncode == 0, result.stderr
+    compare_runs(root, tmp_path, "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
-    starts = [
-        r for r in rows if r.get("alpha") == 0.0
-    ]  # each curve starts at the pre-trained point
+    starts = [r for r in rows if r.get("alpha") == 0.0]  # curves start at the pre-trained point
     assert len(starts) == 2 and all(r["a_lp"] == rows[0]["a_lp"] for r in starts)
 
 
