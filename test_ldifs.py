@@ -1400,6 +1400,7 @@ def test_eval_labels_name_the_method():
     assert evaluation.method_label(base) == "FT"
     assert evaluation.method_label({**base, "lam": 10.0}) == "LDIFS (lam 10)"
     assert evaluation.method_label({**base, "l2sp": 0.5}) == "L2-SP (alpha 0.5)"
+    assert evaluation.method_label({**base, "label_smoothing": 0.1}) == "LS (eps 0.1)"
     continual = {**base, "lam": 10.0, "sequence": ["svhn", "cifar10", "resisc45"], "stage": 1}
     assert evaluation.method_label(continual) == "LDIFS (lam 10), continual svhn > cifar10"
 
