@@ -12,6 +12,7 @@ tasks, but must share the model and pre-trained weights.
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import sys
@@ -51,9 +52,9 @@ def load_run(path):
     if "accuracy_matrix" in summary:
         path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])
     try:
-        load = lambda name: torch.load(path / name, map_location="cpu", weights_only=True)  # noqa: E731
+        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
         metrics = json.loads((path / "metrics.json").read_text())
-        weights, head = load("open_clip_pytorch_model.bin"), load("head.pt")
+        weights, head = load(path / "open_clip_pytorch_model.bin"), load(path / "head.pt")
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
     return {"path": path, "metrics": metrics, "weights": weights, "head": head}
