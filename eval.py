@@ -120,8 +120,9 @@ def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
     metrics, head, rows = run["metrics"], run["head"], []
     label = f"{metrics['task']} {method_label(metrics)}"
     test = ldifs.get_dataset(metrics["task"], "test", args.data_root, transform, args.download)
+    weights = run["weights"].items()  # loaded to the CPU; the pre-trained encoder is on args.device
     finetuned = {
-        k[len("visual.") :]: v for k, v in run["weights"].items() if k.startswith("visual.")
+        k[len("visual.") :]: v.to(args.device) for k, v in weights if k.startswith("visual.")
     }
     for alpha in [1.0, *alphas]:
         encoder = copy.deepcopy(pretrained)
