@@ -1652,9 +1652,8 @@ def run(args):
     """Fine-tune on each task in turn (one task: a plain run), then summarise."""
     tasks = resolve_args(args)
     shard = setup_distributed(args)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
-        True  # for fp32 leftovers
-    )
+    # TF32 for the fp32 matmuls that bf16 autocast leaves on CUDA.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     check_out(args)
     data = fetch_data(tasks, shard[0], args)
     torch.manual_seed(args.seed)
