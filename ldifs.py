@@ -452,7 +452,7 @@ def linear_probe(train_x, train_y, test_x, test_y, val=None):
     """A_LP: the test accuracy (a fraction) of the release's probe on frozen features, its
     lr chosen on `val` = (x, y), by default the seeded 10% of train held out as for tasks."""
     if val is None:
-        keep, held = (held_out_split(len(train_x), s) for s in ("train", "val"))
+        keep, held = (seeded_split(len(train_x), s) for s in ("train", "val"))
         (train_x, train_y), val = (train_x[keep], train_y[keep]), (train_x[held], train_y[held])
     num_classes = int(torch.cat([train_y, val[1], test_y]).max()) + 1
     return probe_accuracy(select_probe((train_x, train_y), val, num_classes), test_x, test_y)
@@ -504,12 +504,16 @@ def task_features(encoder, task, transform, args, weights=None):
 def forgetting_on(task, reference, encoder, clip, transform, args):
     """Zero-shot (pre-trained text head) and linear-probe accuracy of the pre-trained and the
     fine-tuned image encoder on `task`, and the deltas (fine-tuned minus pre-trained)."""
+    weights = weights_key(args.model, args.pretrained)
+    features = {
+        "pretrained": task_features(reference, task, transform, args, weights),
+        "finetuned": task_features(encoder, task, transform, args),
+    }
+    names = class_names(task, args.data_root)  # once the features have fetched the data
     tokenizer = open_clip.get_tokenizer(args.model)
-    names = class_names(task, args.data_root)
     zs = zero_shot_head(clip, tokenizer, names, task.templates, args.device)
-    row, weights = {}, weights_key(args.model, args.pretrained)
-    for which, model in (("pretrained", reference), ("finetuned", encoder)):
-        f = task_features(model, task, transform, args, weights if which == "pretrained" else None)
+    row = {}
+    for which, f in features.items():
         row[f"zs_{which}"] = probe_accuracy(zs, *f["test"])
         row[f"lp_{which}"] = linear_probe(*f["train"], *f["test"], val=f["val"])
     row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
@@ -713,16 +717,17 @@ HELD_OUT = "train = official train minus a seeded 10% val (at most 20000); test 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    classnames: tuple | None  # in the dataset's label order; None: read_classnames(root)
     templates: tuple
     epochs: int  # the release's epochs for this task
     load: Callable  # load(root, split, download) -> Dataset of (PIL image, label)
+    # In label order, or read from the data as the release does: by a function of the data
+    # root, or (None) as the test split's own .classes.
+    classnames: tuple | Callable | None = None
     num_classes: int = 0  # 0: len(classnames)
     layout: str = ""  # where the data lives under --data-root ('' for generated data)
     source: str = "generated"  # where to get it; "torchvision...": it downloads by itself
     split_rule: str = HELD_OUT
     recipe: dict = dataclasses.field(default_factory=dict)  # overrides of the release's recipe
-    read_classnames: Callable | None = None
 
     def __post_init__(self):
         if not self.num_classes:
@@ -733,25 +738,20 @@ class Task:
         return self.source.startswith("torchvision")
 
 
-def held_out_split(n, split, seed=0):
-    """Indices of `split` ('train' or 'val') of an official train split of n images: the
-    release's `random_split(train, [n - n_val, n_val], Generator().manual_seed(0))` with
-    n_val = int(0.1 * n) capped at 20000, so val is the END of the seeded permutation."""
+def seeded_split(n, split, fractions=None, seed=0):
+    """Indices of `split` ('train', 'val' or 'test') in one seeded permutation of n images,
+    cut by `fractions` (train, val, rest). Without them, the release's val held out of an
+    official train split: `random_split(train, [n - n_val, n_val], Generator().manual_seed(0))`
+    with n_val = int(0.1 * n) capped at 20000, so val is the END of the permutation."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train = n - min(int(n * 0.1), 20000)
-    return order[n_train:] if split == "val" else order[:n_train]
-
-
-def fractional_split(n, split, fractions, seed=0):
-    """Indices of `split` in a seeded train/val/test split of n images by `fractions`."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train, n_val = round(n * fractions[0]), round(n * fractions[1])
-    bounds = {
-        "train": (0, n_train),
-        "val": (n_train, n_train + n_val),
-        "test": (n_train + n_val, n),
-    }
-    return order[slice(*bounds[split])]
+    if fractions:
+        n_train, n_val = round(n * fractions[0]), round(n * fractions[1])
+    else:
+        n_train = n - min(int(n * 0.1), 20000)
+        n_val = n - n_train
+    cuts = [0, n_train, n_train + n_val, n]
+    k = ("train", "val", "test").index(split)
+    return order[cuts[k] : cuts[k + 1]]
 
 
 def official_split(make, split):
@@ -760,7 +760,7 @@ def official_split(make, split):
     if split == "test":
         return make(False)
     full = make(True)
-    return Subset(full, held_out_split(len(full), split))
+    return Subset(full, seeded_split(len(full), split))
 
 
 class Samples(Dataset):
@@ -809,6 +809,10 @@ def folder_samples(folder, classes):
     ]
 
 
+def subfolders(path):
+    return sorted(d.name for d in Path(path).iterdir() if d.is_dir())
+
+
 def require(path):
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} not found")
@@ -824,24 +828,15 @@ def load_eurosat(root, split, download):
     # EuroSAT has no official split, and the release's 21600/2700/2700 files were never
     # published: ours is a seeded 80/10/10 of its 27000 images, of the same sizes.
     full = torchvision.datasets.EuroSAT(root, download=download)
-    return Subset(full, fractional_split(len(full), split, (0.8, 0.1, 0.1)))
-
-
-def load_dtd(root, split, download):
-    # As the release: partition 1's `train` alone is the official train split (its `val` is
-    # unused), `test` the test split.
-    def make(train):
-        split_name = "train" if train else "test"
-        return torchvision.datasets.DTD(root, split_name, partition=1, download=download)
-
-    return official_split(make, split)
+    return Subset(full, seeded_split(len(full), split, (0.8, 0.1, 0.1)))
 
 
 def load_resisc45(root, split, download):
     # As the release: the split files resisc45-{train,test}.txt (18900 / 6300) are the
     # official splits. Without them, a seeded 60/20/20 of the 31500 images stands in.
     base = Path(root) / "resisc45"
-    samples = folder_samples(require(base / "NWPU-RESISC45"), RESISC45_CLASSES)
+    folder = require(base / "NWPU-RESISC45")
+    samples = folder_samples(folder, subfolders(folder))
 
     def make(train):
         name = "train" if train else "test"
@@ -849,9 +844,15 @@ def load_resisc45(root, split, download):
             keep = set((base / f"resisc45-{name}.txt").read_text().split())
             return Samples([s for s in samples if Path(s[0]).name in keep])
         warn_once(f"resisc45: no split files in {base}; using a seeded 60/20/20 split instead")
-        return Subset(Samples(samples), fractional_split(len(samples), name, (0.6, 0.2, 0.2)))
+        return Subset(Samples(samples), seeded_split(len(samples), name, (0.6, 0.2, 0.2)))
 
     return official_split(make, split)
+
+
+def resisc45_classes(root):
+    # The release's list is the sorted folder names, '_' read as ' '.
+    folder = require(Path(root) / "resisc45" / "NWPU-RESISC45")
+    return [name.replace("_", " ") for name in subfolders(folder)]
 
 
 SUN397_PARTITIONS = "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip"
@@ -889,7 +890,7 @@ def load_sun397(root, split, download):
     )
     paths = sorted(base.rglob("sun_*.jpg"))
     samples = [(str(f), label["/" + "/".join(f.relative_to(base).parts[:-1])]) for f in paths]
-    return Subset(Samples(samples), fractional_split(len(samples), split, (0.8, 0.1, 0.1)))
+    return Subset(Samples(samples), seeded_split(len(samples), split, (0.8, 0.1, 0.1)))
 
 
 def load_imagenet(root, split, download):
@@ -899,16 +900,6 @@ def load_imagenet(root, split, download):
     return official_split(
         lambda train: folder(require(base / ("train" if train else "val"))), split
     )
-
-
-def load_cars(root, split, download):
-    # torchvision's StanfordCars download URL is dead: the data must be placed by hand.
-    cars = torchvision.datasets.StanfordCars
-    return official_split(lambda train: cars(root, "train" if train else "test"), split)
-
-
-def cars_classes(root):
-    return torchvision.datasets.StanfordCars(root, "train").classes  # '/' kept, as the release
 
 
 def torchvision_loader(name, train_kwargs, test_kwargs, subdir=""):
@@ -923,11 +914,12 @@ def torchvision_loader(name, train_kwargs, test_kwargs, subdir=""):
 
 
 def class_names(task, root):
-    """The task's class names in label order; Cars and SUN397 read theirs from the data."""
-    if task.classnames is not None:
+    """The task's class names in label order, read from the data where the task says so."""
+    if isinstance(task.classnames, tuple):
         return task.classnames
+    read = task.classnames or (lambda root: task.load(root, "test", False).classes)
     try:
-        return tuple(task.read_classnames(os.path.expanduser(root)))
+        return tuple(read(os.path.expanduser(root)))
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download=False) from e
 
@@ -939,7 +931,7 @@ def get_dataset(task, split, root, transform=None, download=True):
     task = get_task(task) if isinstance(task, str) else task
     root = os.path.expanduser(root)
     try:
-        data = task.load(root, split, download)
+        data = task.load(root, split, download and task.downloads)
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download) from e
     return Transformed(data, transform) if transform else data
@@ -999,7 +991,7 @@ def image_folder_classes(root):
             f"{where}: no {' or '.join(missing)} folder; expected {root}/train/"
             f"<class>/* and {root}/test/<class>/* (ImageFolder layout)"
         )
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    classes = subfolders(root / "train")
     for split in ("train", "val", "test"):
         for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
             if folder.name not in classes:
@@ -1100,6 +1092,7 @@ TINY_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch
 TINY_RECIPE["eval_tasks"] = "synthetic,synthetic-stripes"
 TV_TRAIN_TEST = ({"train": True}, {"train": False})
 TV_SPLITS = ({"split": "train"}, {"split": "test"})
+DTD_SPLITS = ({"split": "train", "partition": 1}, {"split": "test", "partition": 1})
 
 
 DTD_TEMPLATES = tuple(
@@ -1115,37 +1108,6 @@ EUROSAT_CLASSES = tuple(  # torchvision's sorted folders AnnualCrop .. SeaLake, 
     "annual crop land; forest; brushland or shrubland; highway or road; industrial buildings or "
     "commercial buildings; pasture land; permanent crop land; residential buildings or homes or "
     "apartments; river; lake or sea".split("; ")
-)
-CIFAR100_CLASSES = tuple(
-    """
-    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
-    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
-    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo
-    keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse
-    mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
-    porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper
-    snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
-    tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm
-""".split()
-)  # torchvision's names, '_' kept as the release keeps it
-DTD_CLASSES = tuple(
-    """
-    banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline
-    dotted fibrous flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted
-    lacelike lined marbled matted meshed paisley perforated pitted pleated polka-dotted porous
-    potholed scaly smeared spiralled sprinkled stained stratified striped studded swirly veined
-    waffled woven wrinkled zigzagged
-""".split()
-)
-RESISC45_CLASSES = tuple(
-    """
-    airplane airport baseball_diamond basketball_court beach bridge chaparral church
-    circular_farmland cloud commercial_area dense_residential desert forest freeway golf_course
-    ground_track_field harbor industrial_area intersection island lake meadow medium_residential
-    mobile_home_park mountain overpass palace parking_lot railway railway_station
-    rectangular_farmland river roundabout runway sea_ice ship snowberg sparse_residential stadium
-    storage_tank tennis_court terrace thermal_power_station wetland
-""".split()
 )
 GTSRB_CLASSES = tuple(  # the CLIP paper's descriptive names, in class-id order 0..42
     (
@@ -1182,12 +1144,10 @@ TASKS = {
     for t in [
         Task(
             name="cars",
-            classnames=None,
             num_classes=196,
             templates=CARS_TEMPLATES,
             epochs=35,
-            load=load_cars,
-            read_classnames=cars_classes,
+            load=torchvision_loader("StanfordCars", *TV_SPLITS),
             layout="stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
             source="by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars",
         ),
@@ -1202,7 +1162,7 @@ TASKS = {
         ),
         Task(
             name="cifar100",
-            classnames=CIFAR100_CLASSES,
+            num_classes=100,
             templates=PHOTO_TEMPLATES,
             epochs=10,
             load=torchvision_loader("CIFAR100", *TV_TRAIN_TEST),
@@ -1211,10 +1171,10 @@ TASKS = {
         ),
         Task(
             name="dtd",
-            classnames=DTD_CLASSES,
+            num_classes=47,
             templates=DTD_TEMPLATES,
             epochs=76,
-            load=load_dtd,
+            load=torchvision_loader("DTD", *DTD_SPLITS),
             layout="dtd/dtd/{images/<class>/*.jpg,labels/}",
             source="torchvision.datasets.DTD",
             split_rule="partition 1: train minus a seeded 10% val; test = test",
@@ -1258,7 +1218,8 @@ TASKS = {
         ),
         Task(
             name="resisc45",
-            classnames=tuple(c.replace("_", " ") for c in RESISC45_CLASSES),
+            classnames=resisc45_classes,
+            num_classes=45,
             templates=SATELLITE_TEMPLATES,
             epochs=15,
             load=load_resisc45,
@@ -1268,12 +1229,11 @@ TASKS = {
         ),
         Task(
             name="sun397",
-            classnames=None,
+            classnames=sun397_classes,
             num_classes=397,
             epochs=14,
             load=load_sun397,
             templates=("a photo of a {}.", "a photo of the {}."),
-            read_classnames=sun397_classes,
             layout="SUN397/{ClassName.txt,Training_01.txt,Testing_01.txt,<letter>/<class>/*.jpg}",
             source="torchvision.datasets.SUN397 (37 GB) and Partitions.zip",
             split_rule="partition 1: train minus a seeded 10% val; test (else seeded 80/10/10)",

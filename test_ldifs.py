@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import open_clip
@@ -601,7 +602,7 @@ def test_gtsrb_labels_are_class_ids(tmp_path):
 def test_dtd_trains_on_partition_1_train_alone(tmp_path):
     base = tmp_path / "dtd/dtd"
     lines = {"train1": [], "val1": [], "test1": []}
-    for code, name in enumerate(ldifs.DTD_CLASSES):
+    for code, name in enumerate(FAKE_DTD_CLASSES):
         for k, part in enumerate(["train1", "train1", "val1", "test1"]):
             fake_image(base / "images" / name / f"{name}_{k}.jpg", code)
             lines[part].append(f"{name}/{name}_{k}.jpg")
@@ -612,10 +613,16 @@ def test_dtd_trains_on_partition_1_train_alone(tmp_path):
     assert_splits(
         "dtd", tmp_path, {"train": n_train - n_train // 10, "val": n_train // 10, "test": 47}
     )
+    names = ldifs.class_names(ldifs.TASKS["dtd"], tmp_path)  # the data's, as the release
+    assert names == tuple(FAKE_DTD_CLASSES) and len(names) == ldifs.TASKS["dtd"].num_classes
+
+
+FAKE_DTD_CLASSES = [f"texture-{k:02d}" for k in range(47)]
+FAKE_RESISC45_CLASSES = [f"scene_{k:02d}" for k in range(45)]
 
 
 def make_resisc45(root, per_class=5):
-    for code, folder in enumerate(ldifs.RESISC45_CLASSES):
+    for code, folder in enumerate(FAKE_RESISC45_CLASSES):
         for k in range(per_class):
             fake_image(root / "resisc45/NWPU-RESISC45" / folder / f"{folder}_{k:03d}.jpg", code)
 
@@ -623,13 +630,14 @@ def make_resisc45(root, per_class=5):
 def test_resisc45_seeded_60_20_20_without_split_files(tmp_path):
     make_resisc45(tmp_path)  # 225 images: 135 stand in for the train file, minus 10% val
     assert_splits("resisc45", tmp_path, {"train": 122, "val": 13, "test": 45})
-    assert ldifs.TASKS["resisc45"].classnames[2] == "baseball diamond"
+    names = ldifs.class_names(ldifs.TASKS["resisc45"], tmp_path)
+    assert names[2] == "scene 02" and len(names) == 45  # sorted folders, '_' read as ' '
 
 
 def test_resisc45_uses_the_standard_split_files(tmp_path):
     make_resisc45(tmp_path)
     for split, ks in {"train": (0, 1, 2), "val": (3,), "test": (4,)}.items():
-        names = [f"{c}_{k:03d}.jpg" for c in ldifs.RESISC45_CLASSES for k in ks]
+        names = [f"{c}_{k:03d}.jpg" for c in FAKE_RESISC45_CLASSES for k in ks]
         (tmp_path / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names))
     splits = assert_splits("resisc45", tmp_path, {"train": 122, "val": 13, "test": 45})
     assert all(p.endswith("_004.jpg") for p in image_ids(splits["test"]))
@@ -698,7 +706,7 @@ def test_imagenet_reads_placed_folders(tmp_path):
 def test_class_counts_and_templates(task, count):
     t = ldifs.TASKS[task]
     assert t.num_classes == count
-    if t.classnames is not None:
+    if isinstance(t.classnames, tuple):
         assert len(t.classnames) == count
         assert (
             len(set(t.classnames)) == count or task == "imagenet"
@@ -708,12 +716,13 @@ def test_class_counts_and_templates(task, count):
     )
 
 
-def test_class_lists_follow_the_datasets_sorted_folder_order():
-    assert list(ldifs.CIFAR100_CLASSES) == sorted(ldifs.CIFAR100_CLASSES)
-    assert list(ldifs.DTD_CLASSES) == sorted(ldifs.DTD_CLASSES)
-    assert list(ldifs.RESISC45_CLASSES) == sorted(ldifs.RESISC45_CLASSES)
-    cifar100 = ldifs.TASKS["cifar100"].classnames
-    assert cifar100[1] == "aquarium_fish" and "sweet_pepper" in cifar100  # the release keeps '_'
+def test_cifar100_names_are_the_datasets_own_with_underscores(tmp_path):
+    split = []
+    test_set = types.SimpleNamespace(classes=["apple", "aquarium_fish"])
+    load = lambda root, s, download: split.append((s, download)) or test_set  # noqa: E731
+    task = dataclasses.replace(ldifs.TASKS["cifar100"], load=load)
+    assert ldifs.class_names(task, tmp_path) == ("apple", "aquarium_fish")  # the release keeps '_'
+    assert split == [("test", False)]
 
 
 def test_cars_has_task_vectors_eight_templates_and_keeps_slashes(tmp_path):
@@ -724,14 +733,14 @@ def test_cars_has_task_vectors_eight_templates_and_keeps_slashes(tmp_path):
         and "a photo of my dirty {}." in templates
     )
     ram = ["Ram C/V Cargo Van Minivan 2012"]  # torchvision's name, kept as is
-    task = dataclasses.replace(ldifs.TASKS["cars"], read_classnames=lambda root: ram)
+    task = dataclasses.replace(ldifs.TASKS["cars"], classnames=lambda root: ram)
     assert ldifs.class_names(task, tmp_path) == ("Ram C/V Cargo Van Minivan 2012",)
 
 
 def test_held_out_split_is_10_percent_capped_at_20000():
-    assert len(ldifs.held_out_split(1000, "val")) == 100
-    assert len(ldifs.held_out_split(1_281_167, "val")) == 20000
-    assert set(ldifs.held_out_split(1000, "val")).isdisjoint(ldifs.held_out_split(1000, "train"))
+    assert len(ldifs.seeded_split(1000, "val")) == 100
+    assert len(ldifs.seeded_split(1_281_167, "val")) == 20000
+    assert set(ldifs.seeded_split(1000, "val")).isdisjoint(ldifs.seeded_split(1000, "train"))
 
 
 @pytest.mark.parametrize("n", [94, 1000, 60000])
@@ -740,10 +749,10 @@ def test_held_out_split_is_the_releases_random_split(n):
     train, val = torch.utils.data.random_split(
         range(n), [n - n_val, n_val], generator=torch.Generator().manual_seed(0)
     )
-    assert ldifs.held_out_split(n, "train") == train.indices
-    assert ldifs.held_out_split(n, "val") == val.indices
+    assert ldifs.seeded_split(n, "train") == train.indices
+    assert ldifs.seeded_split(n, "val") == val.indices
     if n == 60000:  # the release asserts this for MNIST
-        assert ldifs.held_out_split(n, "train")[0] == 36044
+        assert ldifs.seeded_split(n, "train")[0] == 36044
 
 
 def test_missing_data_is_one_line_naming_the_folder(tmp_path):
