@@ -272,9 +272,7 @@ def make_optimizer(params, args):
 
 def autocast(device):
     """bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slower."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
 class TrainLog:
@@ -307,7 +305,7 @@ class TrainLog:
         sums = all_reduce_mean(self.sums)  # a NaN on any rank makes it NaN on every rank
         if not sums.isfinite().all():
             bad = int(self.bad_step) if self.bad_step >= 0 else step - 1
-            raise NonFiniteLoss(f"the loss was not finite at step {bad}; {last_good(self.stage)}")
+            raise UserError(f"the loss was not finite at step {bad}; {last_good(self.stage)}")
         (ce, d, penalty), lam = (sums / self.since).tolist(), self.args.lam
         rate = self.images_per_second(step - 1)
         line = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d}
@@ -323,9 +321,9 @@ class TrainLog:
         """Stop before a non-finite loss or weight can reach a checkpoint."""
         if self.bad_step >= 0:
             step = int(self.bad_step)
-            raise NonFiniteLoss(f"the loss was not finite at step {step}; {last_good(self.stage)}")
+            raise UserError(f"the loss was not finite at step {step}; {last_good(self.stage)}")
         if not all(p.isfinite().all() for p in model.parameters()):
-            raise NonFiniteLoss(f"the weights became non-finite; {last_good(self.stage)}")
+            raise UserError(f"the weights became non-finite; {last_good(self.stage)}")
 
     def images_per_second(self, step=None):
         if self.clock is None:
@@ -777,7 +775,7 @@ class Samples(Dataset):
         try:
             return torchvision.datasets.folder.default_loader(path), label
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise BadImage(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
+            raise UserError(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
 
 
 class Transformed(Dataset):
@@ -1416,14 +1414,6 @@ class UsageError(UserError):
 
 
 class DataMissing(UserError):
-    pass
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-class BadImage(UserError):
     pass
 
 

@@ -1056,7 +1056,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
         return output * float("nan") if len(forwards) == 5 else output
 
     classifier.head.register_forward_hook(poison)
-    with pytest.raises(ldifs.NonFiniteLoss, match="step 4") as error:
+    with pytest.raises(ldifs.UserError, match="step 4") as error:
         fit(args, stage, classifier, reference, data)
     assert "intact" in str(error.value)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
