@@ -247,22 +247,33 @@ def step_batches(n, batch_size, seed, start_step, total_steps, rank=0, world_siz
         yield (epoch * n + order[k * batch_size : (k + 1) * batch_size][rank::world_size]).tolist()
 
 
-class Augmented(Dataset):
-    """Training data whose random augmentation is seeded by (seed, epoch, image), so a
-    resumed run, any worker count and any number of ranks see identical batches."""
+class Transformed(Dataset):
+    """`data` with `transform` applied to its images."""
 
-    def __init__(self, data, transform, seed):
-        self.data, self.transform, self.seed = data, transform, seed
+    def __init__(self, data, transform):
+        self.data, self.transform = data, transform
 
     def __len__(self):
         return len(self.data)
 
+    def __getitem__(self, i):
+        image, label = self.data[i]
+        return self.transform(image), label
+
+
+class Augmented(Transformed):
+    """Training data whose random augmentation is seeded by (seed, epoch, image), so a
+    resumed run, any worker count and any number of ranks see identical batches."""
+
+    def __init__(self, data, transform, seed):
+        super().__init__(data, transform)
+        self.seed = seed
+
     def __getitem__(self, index):
         epoch, i = divmod(index, len(self.data))
-        image, label = self.data[i]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, epoch, i)))
-            return self.transform(image), label
+            return super().__getitem__(i)
 
 
 def make_optimizer(params, args):
@@ -776,20 +787,6 @@ class Samples(Dataset):
             return torchvision.datasets.folder.default_loader(path), label
         except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
             raise UserError(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
-
-
-class Transformed(Dataset):
-    """`data` with `transform` applied to its images."""
-
-    def __init__(self, data, transform):
-        self.data, self.transform = data, transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        image, label = self.data[i]
-        return self.transform(image), label
 
 
 def is_image(path):
@@ -1453,12 +1450,8 @@ def parse_args(argv=None):
     add("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0: plain FT")
     add("--l2sp", type=float, default=0.0, help="L2-SP baseline weight (the release uses 0.5)")
     add("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline's epsilon")
-    add(
-        "--reference",
-        choices=["previous", "pretrained"],
-        default="previous",
-        help="continual runs: reference for task k = the encoder after task k-1, or the original",
-    )
+    ref = "continual runs: reference for task k = the encoder after task k-1, or the original"
+    add("--reference", choices=["previous", "pretrained"], default="previous", help=ref)
     add("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32]")
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
