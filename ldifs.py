@@ -1087,6 +1087,7 @@ TINY_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch
 TINY_RECIPE["eval_tasks"] = "synthetic,synthetic-stripes"
 TV_TRAIN_TEST = ({"train": True}, {"train": False})
 TV_SPLITS = ({"split": "train"}, {"split": "test"})
+# As the release: partition 1's `train` alone is the official train split (`val` unused).
 DTD_SPLITS = ({"split": "train", "partition": 1}, {"split": "test", "partition": 1})
 
 
