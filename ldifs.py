@@ -1083,14 +1083,6 @@ CARS_TEMPLATES = (  # task_vectors' cars_template
     "i love my {}!",
     *(f"a photo of my {w} {{}}." for w in ("dirty", "clean", "new", "old")),
 )
-TINY_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64)
-TINY_RECIPE["eval_tasks"] = "synthetic,synthetic-stripes"
-TV_TRAIN_TEST = ({"train": True}, {"train": False})
-TV_SPLITS = ({"split": "train"}, {"split": "test"})
-# As the release: partition 1's `train` alone is the official train split (`val` unused).
-DTD_SPLITS = ({"split": "train", "partition": 1}, {"split": "test", "partition": 1})
-
-
 DTD_TEMPLATES = tuple(
     f"a photo of {art} {{}} {kind}."
     for art in ("a", "the")
@@ -1135,6 +1127,12 @@ GTSRB_CLASSES = tuple(  # the CLIP paper's descriptive names, in class-id order 
         "bar indicating no passing for trucks has ended"
     ).split("; ")
 )
+TINY_RECIPE = dict(model=TINY_CLIP, pretrained="none", lr=1e-3, warmup=10, batch_size=64)
+TINY_RECIPE["eval_tasks"] = "synthetic,synthetic-stripes"
+TV_TRAIN_TEST = ({"train": True}, {"train": False})
+TV_SPLITS = ({"split": "train"}, {"split": "test"})
+# As the release: partition 1's `train` alone is the official train split (`val` unused).
+DTD_SPLITS = ({"split": "train", "partition": 1}, {"split": "test", "partition": 1})
 TASKS = {
     t.name: t
     for t in [
