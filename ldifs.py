@@ -679,10 +679,13 @@ def load_clip(name, pretrained, device="cpu"):
             name, pretrained=tag, device=device, force_quick_gelu=quick_gelu
         )
     except Exception as e:  # open_clip raises bare RuntimeErrors for all of these
-        local = tag and os.path.isfile(tag)
-        what = f"read checkpoint {tag}" if local else f"download {name} weights {tag or ''}"
-        hint = "check your connection or the file"
-        raise UserError(f"could not {what.strip()}: {one_line(e)}; {hint}") from e
+        if tag and os.path.isfile(tag):
+            what, hint = f"read checkpoint {tag}", "check the file"
+        elif tag or name.startswith("hf-hub:"):
+            what, hint = f"download {name} weights {tag or ''}".strip(), "check your connection"
+        else:  # nothing was fetched: the model itself failed to build
+            what, hint = f"build {name}", "check its model config"
+        raise UserError(f"could not {what}: {one_line(e)}; {hint}") from e
 
 
 def check_model(name, tag):

@@ -478,6 +478,22 @@ def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     assert not ldifs.needs_quick_gelu("ViT-B-32", None)
 
 
+def test_load_clip_names_the_step_that_failed(monkeypatch, tmp_path):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fail)
+    (tmp_path / "w.bin").write_bytes(b"")
+    expected = {
+        ("ViT-B-32", "openai"): "could not download ViT-B-32 weights openai: boom",
+        ("ViT-B-32", str(tmp_path / "w.bin")): f"could not read checkpoint {tmp_path / 'w.bin'}",
+        (ldifs.TINY_CLIP, "none"): f"could not build {ldifs.TINY_CLIP}: boom",
+    }
+    for (name, pretrained), message in expected.items():
+        with pytest.raises(ldifs.UserError, match=re.escape(message)):
+            ldifs.load_clip(name, pretrained)
+
+
 @pytest.mark.parametrize(
     "flags, message, code",
     [
