@@ -498,11 +498,11 @@ def cached_features(encoder, data, key, args):
     return x, y
 
 
-def task_features(encoder, task, transform, args, weights=None):
-    """{split: (features, labels)} of the task's train, val and test splits; cached on disk
-    under `weights` (a `weights_key`) when given: for the pre-trained encoder alone."""
+def task_features(encoder, task, transform, args, weights=None, splits=("train", "val", "test")):
+    """{split: (features, labels)} of the task's `splits`; cached on disk under `weights` (a
+    `weights_key`) when given: for the pre-trained encoder alone."""
     features = {}
-    for split in ("train", "val", "test"):
+    for split in splits:
         data = get_dataset(task, split, args.data_root, transform, args.download)
         key = weights and feature_key(weights, task, split, transform)
         cached = key and cached_features(encoder, data, key, args)
@@ -633,7 +633,7 @@ def probe_head(encoder, task, num_classes, transform, args, cache=True):
     """LP-init: the release's linear probe (`select_probe`) on the frozen encoder's features.
     `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
     weights = weights_key(args.model, args.pretrained) if cache else None
-    f = task_features(encoder, task, transform, args, weights)
+    f = task_features(encoder, task, transform, args, weights, splits=("train", "val"))
     return select_probe(f["train"], f["val"], num_classes)
 
 

@@ -883,6 +883,8 @@ def test_lp_init_head_is_the_fitted_probe_and_its_bias_trains(tmp_path, monkeypa
     args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
     clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
     head = ldifs.probe_head(clip.visual, ldifs.TASKS["synthetic"], 6, transform, args)
+    cached = {path.name.split("-")[1] for path in (tmp_path / "cache").iterdir()}
+    assert cached == {"train", "val"}  # the probe never needs the test split's features
     f = ldifs.task_features(clip.visual, ldifs.TASKS["synthetic"], transform, args)
     assert torch.equal(head.weight, ldifs.select_probe(f["train"], f["val"], 6).weight)
     assert head.bias.abs().sum() > 0 and head.bias.requires_grad
