@@ -477,9 +477,17 @@ def weights_key(model, pretrained):
 
 
 def feature_key(weights, task, split, transform):
-    """Everything the pre-trained encoder's features depend on, for the feature cache."""
+    """Everything the pre-trained encoder's features depend on, for the feature cache: for a
+    folder:PATH task also its images' paths, sizes and mtimes, as users edit their folders."""
     where = {"task": task.name, "split": split, "preprocess": repr(transform)}
+    if task.name.startswith("folder:"):
+        where["images"] = images_digest(task.layout)
     return {**weights, **where, "format": 1}
+
+
+def images_digest(folder):
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image_files(folder)]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def cached_features(encoder, data, key, args):
@@ -792,18 +800,18 @@ class Samples(Dataset):
             raise UserError(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
 
 
-def is_image(path):
-    return path.suffix.lower() in torchvision.datasets.folder.IMG_EXTENSIONS
+def image_files(folder):
+    """The images anywhere under `folder`, sorted."""
+    extensions = torchvision.datasets.folder.IMG_EXTENSIONS
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in extensions)
 
 
 def folder_samples(folder, classes):
-    """Sorted (path, label) pairs of the images in folder/<class>/, labels by position in
-    `classes`."""
+    """(path, label) pairs of the images in folder/<class>/, labels by position in `classes`."""
     return [
         (str(path), label)
         for label, name in enumerate(classes)
-        for path in sorted((Path(folder) / name).rglob("*"))
-        if is_image(path)
+        for path in image_files(Path(folder) / name)
     ]
 
 
@@ -994,7 +1002,7 @@ def image_folder_classes(root):
         for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
             if folder.name not in classes:
                 raise UsageError(f"{where}: class {folder.name!r} is in {split}/ but not in train/")
-            if not any(is_image(p) for p in folder.rglob("*")):
+            if not image_files(folder):
                 raise UsageError(f"{where}: class folder {folder} holds no images")
     if not classes:
         raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")

@@ -959,6 +959,18 @@ def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
     assert ldifs.feature_key(ldifs.weights_key("m", str(weights)), task, "train", "T1") != first
 
 
+def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
+    root = make_folder(tmp_path / "d", counts={"train": 3, "test": 2})
+    task, tag = ldifs.get_task(f"folder:{root}"), ldifs.weights_key("m", "openai")
+    key = ldifs.feature_key(tag, task, "test", "T")
+    assert ldifs.feature_key(tag, task, "test", "T") == key
+    (root / "test/eel/0.jpg").rename(root / "test/cat_a/relabelled.jpg")  # same image count
+    relabelled = ldifs.feature_key(tag, task, "test", "T")
+    assert relabelled != key
+    os.utime(root / "test/cat_a/relabelled.jpg", ns=(0, 0))  # edited in place
+    assert ldifs.feature_key(tag, task, "test", "T") not in (key, relabelled)
+
+
 # ------------------------------------------------------------------ benchmarks (opt-in)
 # LDIFS_BENCH=1 python -m pytest test_ldifs.py -k bench -s
 # They print figures for the README and assert nothing about time.
