@@ -161,18 +161,13 @@ def add_deltas(rows, baseline):
 def markdown(rows, tasks):
     pct = lambda v, sign="": "-" if v is None else f"{100 * v:{sign}.1f}"  # noqa: E731
     head = ["model", "target acc", *(f"A_LP {t}" for t in tasks), *(f"Δ_LP {t}" for t in tasks)]
-    lines = [
-        "| " + " | ".join(head + ["avg A_LP", "avg Δ_LP"]) + " |",
-        "|---|" + "---:|" * (len(head) + 1),
-    ]
+    table = []
     for i, r in enumerate(rows):
-        deltas = (
-            [None] * (len(tasks) + 1) if i == 0 else [*r["delta_lp"].values(), r["avg_delta_lp"]]
-        )
-        cells = [pct(r["target_accuracy"]), *(pct(r["a_lp"][t]) for t in tasks)]
+        deltas = [*r["delta_lp"].values(), r["avg_delta_lp"]] if i else [None] * (len(tasks) + 1)
+        cells = [r["label"], pct(r["target_accuracy"]), *(pct(r["a_lp"][t]) for t in tasks)]
         cells += [pct(d, "+") for d in deltas[:-1]] + [pct(r["avg_a_lp"]), pct(deltas[-1], "+")]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return ldifs.markdown_table(head + ["avg A_LP", "avg Δ_LP"], table)
 
 
 def evaluate(args):

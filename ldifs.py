@@ -558,19 +558,24 @@ FORGETTING_COLUMNS = (
 
 def forgetting_table(results):
     """The forgetting results as a Markdown table, in percent, with the average."""
-    lines = ["| task | ZS pre | ZS ft | Δ_ZS | LP pre | LP ft | Δ_LP |", "|---|" + "---:|" * 6]
-    for name, row in results.items():
-        cells = ["skipped (data missing)"] + [""] * 5 if "skipped" in row else percents(row)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    header = ["task", "ZS pre", "ZS ft", "Δ_ZS", "LP pre", "LP ft", "Δ_LP"]
+    skipped = ["skipped (data missing)"] + [""] * 5
+    rows = [[name, *(skipped if "skipped" in r else percents(r))] for name, r in results.items()]
     done = [row for row in results.values() if "skipped" not in row]
     if done:
         means = {c: sum(row[c] for row in done) / len(done) for c in FORGETTING_COLUMNS}
-        lines.append("| **average** | " + " | ".join(percents(means)) + " |")
-    return "\n".join(lines)
+        rows.append(["**average**", *percents(means)])
+    return markdown_table(header, rows)
 
 
 def percents(row):
     return [f"{100 * row[c]:{'+' if c.startswith('delta') else ''}.1f}" for c in FORGETTING_COLUMNS]
+
+
+def markdown_table(header, rows):
+    """A Markdown table of cells, every column but the first right-aligned."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|---|" + "---:|" * (len(header) - 1), *lines[1:]])
 
 
 def seen_task_accuracies(encoder, seen, heads, data, transform, args):
@@ -591,12 +596,12 @@ def summarise_sequence(tasks, matrix, args):
     summary.update(
         backward_transfer=transfer, lam=args.lam, l2sp=args.l2sp, reference=args.reference
     )
-    lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for k, row in enumerate(matrix):
-        cells = [f"{100 * a:.1f}" for a in row] + [""] * (len(names) - len(row))
-        lines.append(f"| {k}: {names[k]} | " + " | ".join(cells) + " |")
+    rows = [
+        [f"{k}: {names[k]}", *(f"{100 * a:.1f}" for a in row), *[""] * (len(names) - len(row))]
+        for k, row in enumerate(matrix)
+    ]
     print(f"\nContinual fine-tuning, test accuracy in % (lam {args.lam:g}, l2sp {args.l2sp:g}):\n")
-    print("\n".join(lines))
+    print(markdown_table(["after stage", *names], rows))
     print(
         f"\naverage accuracy {100 * summary['average_accuracy']:.1f}, "
         f"backward transfer {100 * transfer:+.1f}"
