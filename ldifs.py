@@ -225,10 +225,8 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
 
 def train_loader(data, start_step, stage, args):
     """One DataLoader for the whole stage: its workers start once."""
-    shard = (stage.rank, stage.world_size)
-    batches = step_batches(
-        len(data), args.batch_size, args.seed, start_step, stage.total_steps, *shard
-    )
+    steps = (start_step, stage.total_steps, stage.rank, stage.world_size)
+    batches = step_batches(len(data), args.batch_size, args.seed, *steps)
     pin = args.device.type == "cuda"
     return DataLoader(data, batch_sampler=batches, num_workers=args.workers, pin_memory=pin)
 
@@ -953,11 +951,8 @@ def data_missing(task, root, error, download):
         return DataMissing(
             f"task {task.name!r} needs scipy to read its .mat files: pip install scipy"
         )
-    how = (
-        "could not be downloaded"
-        if download and task.downloads
-        else "is not downloaded automatically"
-    )
+    fetched = download and task.downloads
+    how = "could not be downloaded" if fetched else "is not downloaded automatically"
     return DataMissing(
         f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and it "
         f"{how} ({one_line(error)}); get it from {task.source}, or set --data-root"
@@ -1379,9 +1374,8 @@ def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
     atomic_save({**head, **init, "classnames": list(classnames)}, stage.out / "head.pt")
     config = open_clip.get_model_config(args.model)
     if config is not None:
-        config["quick_gelu"] = config.get("quick_gelu") or needs_quick_gelu(
-            args.model, args.pretrained
-        )
+        quick_gelu = needs_quick_gelu(args.model, args.pretrained)
+        config["quick_gelu"] = config.get("quick_gelu") or quick_gelu
         both = {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}
         (stage.out / "open_clip_config.json").write_text(json.dumps(both, indent=2))
     write_json(metrics, stage.out / "metrics.json")
@@ -1651,11 +1645,8 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     (train_images, test_data), (train_transform, eval_transform) = data, transforms
     resume = args.resume and (stage.out / "checkpoint.pt").exists()
     checkpoint = load_checkpoint(stage, args) if resume else None
-    if (
-        checkpoint
-        and checkpoint["step"] == stage.total_steps
-        and "test_accuracy" in read_metrics(stage.out)
-    ):
+    finished = checkpoint and checkpoint["step"] == stage.total_steps
+    if finished and "test_accuracy" in read_metrics(stage.out):
         return load_finished_stage(clip, stage, args)
     stage.out.mkdir(parents=True, exist_ok=True)
     classnames = class_names(stage.task, args.data_root)
