@@ -1364,10 +1364,10 @@ def check_out(args):
 
 
 def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
-    """Write what a user keeps: the CLIP weights as an open_clip checkpoint (loadable with
-    create_model(name, pretrained=path) or create_model('local-dir:' + out)), the head with
-    its initial value (WiSE-FT mixes both), and metrics.json."""
-    clip.visual.load_state_dict(classifier.encoder.state_dict())
+    """Write what a user keeps: the CLIP weights, whose clip.visual is the classifier's
+    fine-tuned encoder, as an open_clip checkpoint (loadable with create_model(name,
+    pretrained=path) or create_model('local-dir:' + out)), the head with its initial value
+    (WiSE-FT mixes both), and metrics.json."""
     atomic_save(clip.state_dict(), stage.out / "open_clip_pytorch_model.bin")
     head = {k: v.detach().cpu() for k, v in classifier.head.state_dict().items()}
     init = {f"init_{k}": v.cpu() for k, v in init_head.items()}
