@@ -667,9 +667,10 @@ TINY_CLIP_CONFIG = {  # a 4-block ViT and 2-block text tower for offline runs an
 
 def register_tiny_clip():
     if TINY_CLIP not in open_clip.list_models():
-        path = Path(tempfile.mkdtemp()) / f"{TINY_CLIP}.json"
-        path.write_text(json.dumps(TINY_CLIP_CONFIG))
-        open_clip.add_model_config(path)
+        with tempfile.TemporaryDirectory() as folder:  # open_clip reads the file once, here
+            path = Path(folder) / f"{TINY_CLIP}.json"
+            path.write_text(json.dumps(TINY_CLIP_CONFIG))
+            open_clip.add_model_config(path)
 
 
 def needs_quick_gelu(name, pretrained):

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -465,6 +466,18 @@ def test_missing_eval_data_is_skipped_not_fatal(tmp_path, capsys):
     assert "| dtd | skipped" in out
     forgetting = json.loads((tmp_path / "o/metrics.json").read_text())["forgetting"]
     assert "skipped" in forgetting["dtd"] and "delta_lp" in forgetting["synthetic-stripes"]
+
+
+def test_tiny_clip_registers_without_leaving_its_config_file(tmp_path, monkeypatch):
+    factory = open_clip.factory
+    configs = {k: v for k, v in factory._MODEL_CONFIGS.items() if k != ldifs.TINY_CLIP}
+    monkeypatch.setattr(factory, "_MODEL_CONFIGS", configs)
+    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ldifs.register_tiny_clip()
+    open_clip.add_model_config(tmp_path)  # a later registration rescans every config path
+    assert open_clip.get_model_config(ldifs.TINY_CLIP)["vision_cfg"]["layers"] == 4
+    assert not any(tmp_path.iterdir())
 
 
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
