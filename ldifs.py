@@ -1440,7 +1440,9 @@ def one_line(error, limit=200):
 
 DATA_ROOT = os.environ.get("LDIFS_DATA", "~/data")
 CACHE_DIR = os.environ.get("LDIFS_CACHE", "~/.cache/ldifs")
-WORKERS = min(8, len(os.sched_getaffinity(0)))
+# The cores this process may use; macOS has no sched_getaffinity.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+WORKERS = min(8, CORES or 1)
 DEFAULT_EVAL_TASKS = "cifar10,cifar100,mnist,svhn,gtsrb,dtd,eurosat"  # torchvision downloads them
 RELEASE_RECIPE = dict(model="ViT-B-32", pretrained="openai", lr=1e-5, warmup=500, batch_size=128)
 RELEASE_RECIPE["eval_tasks"] = DEFAULT_EVAL_TASKS

@@ -480,6 +480,14 @@ def test_tiny_clip_registers_without_leaving_its_config_file(tmp_path, monkeypat
     assert not any(tmp_path.iterdir())
 
 
+def test_imports_where_os_has_no_sched_getaffinity():
+    """macOS lacks it; `from ldifs import ldifs_distance` must still work there."""
+    code = "import os; del os.sched_getaffinity; import ldifs; print(ldifs.WORKERS)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == min(8, os.cpu_count())
+
+
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     calls = []
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
