@@ -10,7 +10,6 @@ Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages. Runs may have differ
 tasks, but must share the model and pre-trained weights.
 """
 
-import argparse
 import copy
 import functools
 import json
@@ -24,9 +23,7 @@ import ldifs
 
 
 def parse_args(argv=None):
-    about = __doc__.split("\n\n")[0]
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    p = ldifs.ArgumentParser(description=about, formatter_class=formatter)
+    p = ldifs.ArgumentParser(__doc__.split("\n\n")[0])
     add = p.add_argument
     add("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
     add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")

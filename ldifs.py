@@ -1449,14 +1449,26 @@ RELEASE_RECIPE["eval_tasks"] = DEFAULT_EVAL_TASKS
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=DefaultsHelpFormatter)
+
     def error(self, message):  # one line, not argparse's usage block; exit 2 as argparse does
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except None, '' and booleans: an unset flag's value
+    comes from the task's recipe, shown in [..], and --no-download's True would mislead."""
+
+    def _get_help_string(self, action):
+        silent = action.default in (None, "") or isinstance(action.default, bool)
+        return action.help if silent else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     about = "Fine-tune CLIP with LDIFS and measure concept forgetting. [..]: the task's recipe."
-    p = ArgumentParser(description=about, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(about)
     add = p.add_argument
     add("--task", default="eurosat", help="a task, a,b,c for a continual run, or folder:PATH")
     add("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0: plain FT")

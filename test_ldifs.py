@@ -488,6 +488,14 @@ def test_imports_where_os_has_no_sched_getaffinity():
     assert int(result.stdout) == min(8, os.cpu_count())
 
 
+@pytest.mark.parametrize("module, shown", [(ldifs, "--lam LAM"), (evaluation, "--eval-batch-size")])
+def test_help_shows_defaults_except_none_empty_and_booleans(capsys, module, shown):
+    code, out, _ = run_main(module, ["--help"], capsys)
+    text = " ".join(out.split())  # argparse wraps "(default: X)" anywhere
+    assert code == 0 and re.search(re.escape(shown) + r"[^-]*\(default: [^)]+\)", text)
+    assert not re.search(r"\(default: (None|True|False|)\)", text)
+
+
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     calls = []
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
