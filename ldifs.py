@@ -1491,7 +1491,7 @@ def parse_args(argv=None):
     add("--warmup", type=int, help="linear warm-up steps before the cosine decay [500]")
     add("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
     add("--seed", type=int, default=0, help="seed for init, data order and augmentation")
-    add("--device", help="torch device [cuda if available, else cpu]")
+    add("--device", type=pick_device, default="", help="torch device [cuda if available, else cpu]")
     add("--workers", type=int, default=WORKERS, help="data-loading worker processes")
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     add("--log-every", type=int, default=10, help="steps between log lines")
@@ -1532,7 +1532,6 @@ def resolve_args(args):
         args.pretrained = os.path.abspath(args.pretrained)
     args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
     args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
-    args.device = pick_device(args.device)
     check_args(args)
     return tasks
 
@@ -1574,7 +1573,16 @@ def check_args(args):
 
 
 def pick_device(name):
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device: cuda if available, else cpu, for '' or None; else a device this machine has."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        message = f"unknown device {name!r}; e.g. cpu, cuda, cuda:1, mps"
+        raise argparse.ArgumentTypeError(message) from None
+    visible = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise argparse.ArgumentTypeError(f"{name}: this machine has {visible} visible CUDA GPUs")
+    return device
 
 
 def setup_distributed(args):

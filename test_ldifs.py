@@ -496,6 +496,15 @@ def test_help_shows_defaults_except_none_empty_and_booleans(capsys, module, show
     assert not re.search(r"\(default: (None|True|False|)\)", text)
 
 
+@pytest.mark.parametrize("module", [ldifs, evaluation])
+def test_a_device_this_machine_lacks_is_one_line(capsys, module, tmp_path):
+    missing_gpu = f"cuda:{torch.cuda.device_count()}"
+    for device, message in [("foo", "unknown device 'foo'"), (missing_gpu, "visible CUDA GPUs")]:
+        flags = ["--task", "synthetic"] if module is ldifs else [str(tmp_path)]
+        code, _, err = run_main(module, [*flags, "--device", device], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     calls = []
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
