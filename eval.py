@@ -239,11 +239,8 @@ def plot(rows, path, x_key):
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
     args = parse_args(argv)
-    try:
+    with ldifs.one_line_errors("eval.py"):
         evaluate(args)
-    except ldifs.UserError as e:
-        print(f"eval.py: error: {ldifs.user_message(e)}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ldifs.UsageError) else 1)
 
 
 if __name__ == "__main__":

@@ -1433,6 +1433,17 @@ def user_message(error):
     return text
 
 
+@contextlib.contextmanager
+def one_line_errors(prog):
+    """End the program on a UserError, or an OSError such as a full disk or an unwritable
+    --out, with one line and no traceback: exit 2 for bad usage, else 1."""
+    try:
+        yield
+    except (UserError, OSError) as e:
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+
+
 def one_line(error, limit=200):
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text if len(text) <= limit else text[:limit] + "..."
@@ -1722,10 +1733,11 @@ def main(argv=None):
     if args.list_tasks:
         return list_tasks(args.data_root)
     try:
-        run(args)
-    except UserError as e:
-        print(f"ldifs.py: error: {user_message(e)}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UsageError) else 1)
+        with one_line_errors("ldifs.py"):
+            run(args)
+    except KeyboardInterrupt:  # checkpoints are written atomically: none is half-written
+        print("ldifs.py: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

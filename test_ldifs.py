@@ -505,6 +505,25 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, module, tmp_path):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_unwritable_out_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    flags = ["--task", "synthetic", "--max-steps", "1", "--eval-tasks", "none", "--workers", "0"]
+    code, _, err = run_main(ldifs, [*flags, "--out", str(tmp_path / "file/out")], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Not a directory" in err, err
+
+
+def test_interrupt_is_one_line_naming_resume(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldifs, "run", interrupted)
+    try:
+        code, _, err = run_main(ldifs, ["--task", "synthetic"], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert code == 130 and err.count("\n") == 1 and "--resume" in err
+
+
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     calls = []
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
