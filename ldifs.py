@@ -1383,16 +1383,21 @@ def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
 
 
 def write_json(obj, path):
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 def atomic_save(obj, path):
-    """torch.save that never leaves a half-written file: a killed run keeps the old one."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write(path, write):
+    """write(tmp), then rename tmp to path: a killed run keeps the old file, never half of one."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after Ctrl-C or a full disk; a checkpoint's is GBs
 
 
 def read_metrics(out):

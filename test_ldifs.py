@@ -1115,6 +1115,23 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no log line twice after the resume
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
+    path = tmp_path / "checkpoint.pt"
+    ldifs.atomic_save({"step": 1}, path)
+
+    def half_written(obj, f):
+        Path(f).write_bytes(b"half")
+        raise error
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(type(error)):
+        ldifs.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
 def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     flags = RESUME_FLAGS + ["--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
     code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
