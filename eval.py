@@ -10,6 +10,7 @@ Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages. Runs may have differ
 tasks, but must share the model and pre-trained weights.
 """
 
+import argparse
 import copy
 import functools
 import json
@@ -27,7 +28,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
     add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
-    add("--wise-ft", default="", help="comma-separated WiSE-FT mixing weights alpha, e.g. 0.5")
+    add("--wise-ft", type=mixing_weights, default="", help="WiSE-FT weights alpha, e.g. 0.25,0.5")
     add("--json", type=Path, help="also write the results here")
     add("--plot", type=Path, help="also draw target accuracy against forgetting to this PNG")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
@@ -38,6 +39,17 @@ def parse_args(argv=None):
     add("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     return p.parse_args(argv)
+
+
+def mixing_weights(text):
+    """--wise-ft: comma-separated alphas in [0, 1]."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+    if any(not 0 <= a <= 1 for a in alphas):
+        raise argparse.ArgumentTypeError(f"the weights must lie in [0, 1], got {text}")
+    return alphas
 
 
 def load_run(path):
@@ -170,9 +182,9 @@ def markdown(rows, tasks):
 def evaluate(args):
     runs = [load_run(path) for path in args.runs]
     model, pretrained = check_same_start(runs)
-    alphas = [float(a) for a in args.wise_ft.split(",") if a]
-    if any(not 0 <= a <= 1 for a in alphas):
-        raise ldifs.UsageError(f"--wise-ft weights must lie in [0, 1], got {args.wise_ft}")
+    alphas = args.wise_ft
+    for path in filter(None, (args.json, args.plot)):  # fail now, not after the evaluation
+        path.parent.mkdir(parents=True, exist_ok=True)
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         pyplot()
         alphas = sorted(set(alphas) | {0.0})

@@ -431,6 +431,22 @@ def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     assert code == 2 and "different models" in err
 
 
+def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
+    run = str(two_runs[0] / "lam0")
+    for flags, message in [
+        (["--wise-ft", "abc"], "--wise-ft: not comma-separated numbers: 'abc'"),
+        (["--wise-ft", "0.5,2"], "--wise-ft: the weights must lie in [0, 1], got 0.5,2"),
+        (["--json", str(tmp_path / "file/results.json")], str(tmp_path / "file")),
+    ]:
+        (tmp_path / "file").write_text("")
+        code, out, err = run_main(evaluation, [run, *flags], capsys)
+        assert code in (1, 2) and message in err and err.count("\n") == 1 and not out, err
+    code, _, _ = run_main(
+        evaluation, [run, "--tasks", "none", "--json", str(tmp_path / "new/r.json")], capsys
+    )
+    assert code == 0 and (tmp_path / "new/r.json").exists()
+
+
 def test_wise_ft_interpolates_weights():
     a, b = {"w": torch.zeros(3)}, {"w": torch.ones(3) * 4}
     assert torch.equal(evaluation.wise_ft(a, b, 0.25)["w"], torch.ones(3))
