@@ -1572,7 +1572,7 @@ def read_templates(path):
 
 def check_args(args):
     value = functools.partial(getattr, args)
-    positive = "batch_size epochs max_steps log_every eval_batch_size".split()
+    positive = "batch_size epochs max_steps log_every eval_batch_size grad_clip".split()
     non_negative = "lam l2sp label_smoothing lr wd warmup workers save_every".split()
     problems = [
         f"{flag_name(k)} must be positive, got {value(k)}"

@@ -540,6 +540,13 @@ def test_interrupt_is_one_line_naming_resume(capsys, monkeypatch):
     assert code == 130 and err.count("\n") == 1 and "--resume" in err
 
 
+def test_a_gradient_clip_that_is_not_positive_is_refused(capsys):
+    # clip_grad_norm_ with max_norm < 0 scales gradients by a negative factor: ascent
+    for value in ("-1", "0"):
+        code, _, err = run_main(ldifs, ["--task", "synthetic", "--grad-clip", value], capsys)
+        assert code == 2 and f"--grad-clip must be positive, got {float(value)}" in err, err
+
+
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     calls = []
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
