@@ -38,7 +38,12 @@ def parse_args(argv=None):
     add("--device", type=ldifs.pick_device, default="", help="torch device [cuda if available]")
     add("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_batch_size < 1:
+        p.error(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    return args
 
 
 def mixing_weights(text):
