@@ -1429,15 +1429,6 @@ class DataMissing(UserError):
     pass
 
 
-def user_message(error):
-    """A UserError's own line. DataLoader workers re-raise ours with the worker's traceback
-    in the message; its last line is ours."""
-    text = str(error)
-    if "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
 @contextlib.contextmanager
 def one_line_errors(prog):
     """End the program on a UserError, or an OSError such as a full disk or an unwritable
@@ -1445,7 +1436,10 @@ def one_line_errors(prog):
     try:
         yield
     except (UserError, OSError) as e:
-        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
+        message = str(e)
+        if "Original Traceback" in message:  # re-raised by a DataLoader worker: ours is last
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
 
 
