@@ -1431,10 +1431,14 @@ class DataMissing(UserError):
 
 @contextlib.contextmanager
 def one_line_errors(prog):
-    """End the program on a UserError, or an OSError such as a full disk or an unwritable
-    --out, with one line and no traceback: exit 2 for bad usage, else 1."""
+    """End the program on a UserError, an OSError such as a full disk or an unwritable --out,
+    or running out of GPU memory, with one line and no traceback: exit 2 for bad usage, else 1."""
     try:
         yield
+    except torch.OutOfMemoryError as e:
+        hint = "lower --batch-size or --eval-batch-size"
+        print(f"{prog}: error: {one_line(e)}; {hint}", file=sys.stderr)
+        sys.exit(1)
     except (UserError, OSError) as e:
         message = str(e)
         if "Original Traceback" in message:  # re-raised by a DataLoader worker: ours is last

@@ -549,6 +549,15 @@ def test_a_gradient_clip_that_is_not_positive_is_refused(capsys):
         assert code == 2 and f"--grad-clip must be positive, got {float(value)}" in err, err
 
 
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_flags(capsys, monkeypatch):
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIf ...")
+
+    monkeypatch.setattr(ldifs, "run", out_of_memory)
+    code, _, err = run_main(ldifs, ["--task", "synthetic"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "2.00 GiB" in err and "--batch-size" in err
+
+
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     calls = []
     monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **kw: calls.append(kw))
