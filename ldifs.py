@@ -475,17 +475,11 @@ def weights_key(model, pretrained):
 
 
 def feature_key(weights, task, split, transform):
-    """Everything the pre-trained encoder's features depend on, for the feature cache: for a
-    folder:PATH task also its images' paths, sizes and mtimes, as users edit their folders."""
+    """Everything the pre-trained encoder's features depend on, for the feature cache."""
     where = {"task": task.name, "split": split, "preprocess": repr(transform)}
-    if task.name.startswith("folder:"):
-        where["images"] = images_digest(task.layout)
+    if task.images_digest:
+        where["images"] = task.images_digest
     return {**weights, **where, "format": 1}
-
-
-def images_digest(folder):
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image_files(folder)]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def cached_features(encoder, data, key, args):
@@ -752,6 +746,7 @@ class Task:
     source: str = "generated"  # where to get it; "torchvision...": it downloads by itself
     split_rule: str = HELD_OUT
     recipe: dict = dataclasses.field(default_factory=dict)  # overrides of the release's recipe
+    images_digest: str = ""  # of data users edit (folder tasks), for the feature cache's key
 
     def __post_init__(self):
         if not self.num_classes:
@@ -986,7 +981,14 @@ def folder_task(name):
         load=load,
         layout=str(root),
         source="your folder",
+        images_digest=images_digest(root),
     )
+
+
+def images_digest(folder):
+    """A digest of the paths, sizes and mtimes of the images under `folder`."""
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image_files(folder)]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def image_folder_classes(root):
@@ -1397,7 +1399,7 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # after Ctrl-C or a full disk; a checkpoint's is GBs
+        tmp.unlink(missing_ok=True)  # after Ctrl-C or a full disk: it is as big as a checkpoint
 
 
 def read_metrics(out):

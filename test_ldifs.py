@@ -1052,14 +1052,18 @@ def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
 
 def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 3, "test": 2})
-    task, tag = ldifs.get_task(f"folder:{root}"), ldifs.weights_key("m", "openai")
-    key = ldifs.feature_key(tag, task, "test", "T")
-    assert ldifs.feature_key(tag, task, "test", "T") == key
+    tag = ldifs.weights_key("m", "openai")
+
+    def run_key():  # each run builds its task anew
+        return ldifs.feature_key(tag, ldifs.folder_task(f"folder:{root}"), "test", "T")
+
+    key = run_key()
+    assert run_key() == key
     (root / "test/eel/0.jpg").rename(root / "test/cat_a/relabelled.jpg")  # same image count
-    relabelled = ldifs.feature_key(tag, task, "test", "T")
+    relabelled = run_key()
     assert relabelled != key
     os.utime(root / "test/cat_a/relabelled.jpg", ns=(0, 0))  # edited in place
-    assert ldifs.feature_key(tag, task, "test", "T") not in (key, relabelled)
+    assert run_key() not in (key, relabelled)
 
 
 # ------------------------------------------------------------------ benchmarks (opt-in)
