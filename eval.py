@@ -39,10 +39,9 @@ def parse_args(argv=None):
     add("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     args = p.parse_args(argv)
-    if args.eval_batch_size < 1:
-        p.error(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
-    if args.workers < 0:
-        p.error(f"--workers must be >= 0, got {args.workers}")
+    problems = ldifs.out_of_range(args, ["eval_batch_size"], ["workers"])  # as ldifs.py checks
+    if problems:
+        p.error("; ".join(problems))
     return args
 
 

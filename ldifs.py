@@ -1571,21 +1571,27 @@ def read_templates(path):
 
 
 def check_args(args):
-    value = functools.partial(getattr, args)
     positive = "batch_size epochs max_steps log_every eval_batch_size grad_clip".split()
     non_negative = "lam l2sp label_smoothing lr wd warmup workers save_every".split()
+    problems = out_of_range(args, positive, non_negative)
+    if args.label_smoothing >= 1:
+        problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def out_of_range(args, positive, non_negative):
+    """A message for each flag in `positive` that is set and not > 0, and each flag in
+    `non_negative` that is < 0."""
+    value = functools.partial(getattr, args)
     problems = [
         f"{flag_name(k)} must be positive, got {value(k)}"
         for k in positive
         if value(k) is not None and value(k) <= 0
     ]
-    problems += [
+    return problems + [
         f"{flag_name(k)} must be >= 0, got {value(k)}" for k in non_negative if value(k) < 0
     ]
-    if args.label_smoothing >= 1:
-        problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
-    if problems:
-        raise UsageError("; ".join(problems))
 
 
 def pick_device(name):
