@@ -318,7 +318,8 @@ class TrainLog:
         (ce, d, penalty), lam = (sums / self.since).tolist(), self.args.lam
         rate = self.images_per_second(step - 1)
         line = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d}
-        line.update({"loss/l2sp": self.args.l2sp * penalty, "images_per_second": rate})
+        measured = None if math.isnan(rate) else rate  # JSON has no NaN: jq and JS reject it
+        line.update({"loss/l2sp": self.args.l2sp * penalty, "images_per_second": measured})
         if self.file:
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()

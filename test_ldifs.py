@@ -69,8 +69,13 @@ def fit(args, stage, classifier, reference, data):
     return ldifs.train(classifier, reference, data, optimizer, init_head, 0, stage, args)
 
 
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, as JSON itself (and jq, and JS) do."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+
 def read_log(stage):
-    return [json.loads(line) for line in (stage.out / "log.jsonl").read_text().splitlines()]
+    return [strict_json(line) for line in (stage.out / "log.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ the regulariser
@@ -207,6 +212,14 @@ def test_ce_falls_on_synthetic(tmp_path):
     assert sum(ce[-3:]) / 3 < 0.5 * sum(ce[:3]) / 3
 
 
+def test_log_lines_are_strict_json_with_null_for_an_unmeasured_rate(tmp_path):
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=4)
+    fit(args, stage, classifier, reference, data)
+    rates = [r["images_per_second"] for r in read_log(stage)]
+    # the clock starts after two steps, so the first two lines have no rate yet
+    assert rates[:2] == [None, None] and all(rate > 0 for rate in rates[2:])
+
+
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path)
     images = torch.stack([data[i][0] for i in range(8)])
@@ -326,7 +339,7 @@ def test_cli_writes_outputs_that_open_clip_loads(two_runs):
     root, results = two_runs
     out, result = root / "lam10", results["10"]
     assert "QuickGELU mismatch" not in result.stdout + result.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = strict_json((out / "metrics.json").read_text())
     for key in [
         "task",
         "lam",
@@ -340,7 +353,7 @@ def test_cli_writes_outputs_that_open_clip_loads(two_runs):
         assert key in metrics
     assert metrics["steps"] == 12 and 0 <= metrics["test_accuracy"] <= 1
     assert metrics["train_images_per_second"] > 0
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 12 and {"loss/ce", "loss/ldifs"} <= set(log[0])
     loaded = open_clip.create_model(f"local-dir:{out}")
     ldifs.register_tiny_clip()
