@@ -1439,7 +1439,8 @@ def one_line_errors(prog):
     try:
         yield
     except torch.OutOfMemoryError as e:
-        hint = "lower --batch-size or --eval-batch-size"
+        # --resume refuses another --batch-size: it changes the schedule the checkpoint is on
+        hint = "lower --batch-size (in a new run) or --eval-batch-size (then --resume)"
         print(f"{prog}: error: {one_line(e)}; {hint}", file=sys.stderr)
         sys.exit(1)
     except (UserError, OSError) as e:

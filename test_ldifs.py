@@ -568,7 +568,8 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_flags(capsys, monkeypatc
 
     monkeypatch.setattr(ldifs, "run", out_of_memory)
     code, _, err = run_main(ldifs, ["--task", "synthetic"], capsys)
-    assert code == 1 and err.count("\n") == 1 and "2.00 GiB" in err and "--batch-size" in err
+    assert code == 1 and err.count("\n") == 1 and "2.00 GiB" in err
+    assert "--batch-size (in a new run)" in err and "--eval-batch-size (then --resume)" in err
 
 
 def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
