@@ -74,14 +74,23 @@ def load_run(path):
 
 
 def check_same_start(runs):
-    starts = {(r["metrics"]["model"], r["metrics"]["pretrained"]) for r in runs}
+    starts = {start_of(r["metrics"]) for r in runs}
     if len(starts) > 1:
-        both = "; ".join(f"{m} / {p}" for m, p in sorted(starts))
+        both = "; ".join(
+            f"{m} / {p}" + f" (seed {s})" * (s is not None) for m, p, s in sorted(starts)
+        )
         raise ldifs.UsageError(
             f"runs start from different models or weights ({both}); "
             "compare runs of one pre-trained model per call"
         )
     return starts.pop()
+
+
+def start_of(metrics):
+    """What a run started from: the model, its weights and, for random weights ('none'), the
+    seed that drew them."""
+    random = metrics["pretrained"] == "none"
+    return metrics["model"], metrics["pretrained"], metrics["seed"] if random else None
 
 
 def method_label(metrics):
@@ -185,7 +194,7 @@ def markdown(rows, tasks):
 
 def evaluate(args):
     runs = [load_run(path) for path in args.runs]
-    model, pretrained = check_same_start(runs)
+    model, pretrained, seed = check_same_start(runs)
     alphas = args.wise_ft
     for path in filter(None, (args.json, args.plot)):  # fail now, not after the evaluation
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +202,10 @@ def evaluate(args):
         pyplot()
         alphas = sorted(set(alphas) | {0.0})
     tasks = eval_tasks(runs, args)
+    if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
+        torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)
-    weights = ldifs.weights_key(model, pretrained)
+    weights = ldifs.weights_key(model, pretrained, seed)
     baseline = probe_row(clip.visual.eval(), tasks, transform, args, weights)
     name = f"pre-trained {model} ({'/'.join(Path(pretrained).parts[-2:])})"
     rows = [{"label": name, "target_accuracy": None, "a_lp": baseline}]

@@ -466,9 +466,11 @@ def linear_probe(train_x, train_y, test_x, test_y, val=None):
     return probe_accuracy(select_probe((train_x, train_y), val, num_classes), test_x, test_y)
 
 
-def weights_key(model, pretrained):
+def weights_key(model, pretrained, seed):
     """What the pre-trained encoder's features depend on besides the data: the model and
-    its weights (a local file by path, size and mtime)."""
+    its weights (a local file by path, size and mtime; random ones, 'none', by the seed)."""
+    if pretrained == "none":
+        return {"model": model, "pretrained": pretrained, "seed": seed}
     if os.path.isfile(pretrained):
         stat = os.stat(pretrained)
         pretrained = f"{os.path.abspath(pretrained)}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -514,7 +516,7 @@ def task_features(encoder, task, transform, args, weights=None, splits=("train",
 def forgetting_on(task, reference, encoder, clip, transform, args):
     """Zero-shot (pre-trained text head) and linear-probe accuracy of the pre-trained and the
     fine-tuned image encoder on `task`, and the deltas (fine-tuned minus pre-trained)."""
-    weights = weights_key(args.model, args.pretrained)
+    weights = weights_key(args.model, args.pretrained, args.seed)
     features = {
         "pretrained": task_features(reference, task, transform, args, weights),
         "finetuned": task_features(encoder, task, transform, args),
@@ -638,7 +640,7 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device):
 def probe_head(encoder, task, num_classes, transform, args, cache=True):
     """LP-init: the release's linear probe (`select_probe`) on the frozen encoder's features.
     `cache` only while the encoder holds the pre-trained weights the cache is keyed by."""
-    weights = weights_key(args.model, args.pretrained) if cache else None
+    weights = weights_key(args.model, args.pretrained, args.seed) if cache else None
     f = task_features(encoder, task, transform, args, weights, splits=("train", "val"))
     return select_probe(f["train"], f["val"], num_classes)
 

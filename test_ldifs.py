@@ -426,6 +426,19 @@ def test_eval_compares_runs_and_wise_ft(two_runs, tmp_path):
     assert ft["target_accuracy"] == pytest.approx(recorded)  # the same head on the same split
 
 
+def test_eval_rebuilds_the_random_weights_a_run_started_from(two_runs, tmp_path):
+    """The runs use --pretrained none: eval.py must draw the same random encoder as ldifs.py
+    did (it drew an unseeded one), so its baseline matches the run's own, without the cache."""
+    root, _ = two_runs
+    out, cache = tmp_path / "e.json", tmp_path / "fresh-cache"
+    flags = ["--tasks", "synthetic-stripes", "--workers", "0", "--cache-dir", str(cache)]
+    result = run_cli(str(root / "lam10"), *flags, "--json", str(out), script="eval.py")
+    assert result.returncode == 0, result.stderr
+    baseline = json.loads(out.read_text())["rows"][0]["a_lp"]["synthetic-stripes"]
+    recorded = json.loads((root / "lam10/metrics.json").read_text())["forgetting"]
+    assert baseline == pytest.approx(recorded["synthetic-stripes"]["lp_pretrained"])
+
+
 def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
     result = run_cli(str(tmp_path), script="eval.py")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -442,6 +455,9 @@ def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     (other / "metrics.json").write_text(json.dumps({**metrics, "model": "ViT-S-32"}))
     code, _, err = run_main(evaluation, [str(root / "lam0"), str(other)], capsys)
     assert code == 2 and "different models" in err
+    (other / "metrics.json").write_text(json.dumps({**metrics, "seed": 1}))  # other random weights
+    code, _, err = run_main(evaluation, [str(root / "lam0"), str(other)], capsys)
+    assert code == 2 and "ldifs-tiny / none (seed 0); ldifs-tiny / none (seed 1)" in err
 
 
 def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
@@ -995,6 +1011,20 @@ def test_lp_init_head_is_the_fitted_probe_and_its_bias_trains(tmp_path, monkeypa
     assert head.bias.abs().sum() > 0 and head.bias.requires_grad
 
 
+def test_random_weights_are_cached_per_seed(tmp_path):
+    """--pretrained none draws the encoder from --seed: one seed's cached features must never
+    stand in for another's (they did: LP-init then fit its head to another encoder)."""
+    task, cache = ldifs.TASKS["synthetic"], str(tmp_path / "cache")
+    for seed in ("0", "1"):
+        args = tiny_args(tmp_path, "--seed", seed, "--cache-dir", cache)
+        torch.manual_seed(args.seed)  # as run() does before it draws the weights
+        clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+        weights = ldifs.weights_key(args.model, args.pretrained, args.seed)
+        cached = ldifs.task_features(clip.visual, task, transform, args, weights, ("val",))
+        fresh = ldifs.task_features(clip.visual, task, transform, args, splits=("val",))
+        assert torch.equal(cached["val"][0], fresh["val"][0]), seed
+
+
 class Constant(torch.nn.Module):
     """An encoder that forgot everything: the same features for every image."""
 
@@ -1049,24 +1079,27 @@ def test_feature_cache_hits_misses_on_key_change_and_recomputes_corrupt_entries(
 
 
 def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
-    task, tag = ldifs.TASKS["synthetic"], ldifs.weights_key("m", "openai")
+    task, tag = ldifs.TASKS["synthetic"], ldifs.weights_key("m", "openai", 0)
     key = ldifs.feature_key(tag, task, "train", "T1")
     assert (
         key
         != ldifs.feature_key(tag, task, "test", "T1")
         != ldifs.feature_key(tag, task, "train", "T2")
     )
-    assert key != ldifs.feature_key(ldifs.weights_key("other", "openai"), task, "train", "T1")
+    assert key != ldifs.feature_key(ldifs.weights_key("other", "openai", 0), task, "train", "T1")
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"1")
-    first = ldifs.feature_key(ldifs.weights_key("m", str(weights)), task, "train", "T1")
+    first = ldifs.feature_key(ldifs.weights_key("m", str(weights), 0), task, "train", "T1")
     weights.write_bytes(b"22")
-    assert ldifs.feature_key(ldifs.weights_key("m", str(weights)), task, "train", "T1") != first
+    assert ldifs.feature_key(ldifs.weights_key("m", str(weights), 0), task, "train", "T1") != first
+    # random weights ('none') are drawn by the seed; real ones do not depend on it
+    assert ldifs.weights_key("m", "none", 0) != ldifs.weights_key("m", "none", 1)
+    assert ldifs.weights_key("m", "openai", 0) == ldifs.weights_key("m", "openai", 1)
 
 
 def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 3, "test": 2})
-    tag = ldifs.weights_key("m", "openai")
+    tag = ldifs.weights_key("m", "openai", 0)
 
     def run_key():  # each run builds its task anew
         return ldifs.feature_key(tag, ldifs.folder_task(f"folder:{root}"), "test", "T")
