@@ -215,10 +215,9 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
             if is_checkpoint_step(step + 1, len(data), stage, args):
                 log.check_finite(classifier)
                 save_checkpoint(classifier, optimizer, init_head, step + 1, stage, args)
-    rate = log.images_per_second()
     return {
         "steps": stage.total_steps,
-        "train_images_per_second": None if math.isnan(rate) else rate,
+        "train_images_per_second": log.images_per_second(),
         "peak_memory_mb": peak_memory_mb(args.device),
     }
 
@@ -318,12 +317,12 @@ class TrainLog:
         (ce, d, penalty), lam = (sums / self.since).tolist(), self.args.lam
         rate = self.images_per_second(step - 1)
         line = {"step": step, "lr": lr, "loss/ce": ce, "loss/ldifs": lam * d, "ldifs_distance": d}
-        measured = None if math.isnan(rate) else rate  # JSON has no NaN: jq and JS reject it
-        line.update({"loss/l2sp": self.args.l2sp * penalty, "images_per_second": measured})
+        line.update({"loss/l2sp": self.args.l2sp * penalty, "images_per_second": rate})
         if self.file:
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
-        self.bar.set_postfix(ce=f"{ce:.3f}", ldifs=f"{lam * d:.4f}", img_s=f"{rate:.1f}")
+        shown = "-" if rate is None else f"{rate:.1f}"
+        self.bar.set_postfix(ce=f"{ce:.3f}", ldifs=f"{lam * d:.4f}", img_s=shown)
         self.sums.zero_()
         self.since = 0
 
@@ -336,12 +335,14 @@ class TrainLog:
             raise UserError(f"the weights became non-finite; {last_good(self.stage)}")
 
     def images_per_second(self, step=None):
+        """Steady-state throughput up to `step`, or None (JSON's null: it has no NaN) before
+        two steps have run."""
         if self.clock is None:
-            return float("nan")
+            return None
         start_step, start_time = self.clock
         step = self.stage.total_steps - 1 if step is None else step
         if step <= start_step:
-            return float("nan")
+            return None
         elapsed = sync_time(self.args.device) - start_time
         return (step - start_step) * self.args.batch_size / elapsed
 
