@@ -1714,6 +1714,8 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     metrics = train(classifier, reference, images, optimizer, init_head, start_step, stage, args)
     if stage.rank == 0:
         metrics.update(train_seconds=time.perf_counter() - start, **run_config(stage, args))
+        if start_step == stage.total_steps:  # resumed only to evaluate: nothing was measured
+            metrics.update(measured_before(stage.out))
         metrics.update(eval_tasks=args.eval_tasks, world_size=stage.world_size)
         metrics.update(stage=stage.index, sequence=list(stage.sequence))
         save_outputs(clip, classifier, classnames, init_head, metrics, stage, args)  # nothing lost
@@ -1721,15 +1723,22 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     return head
 
 
+def measured_before(out):
+    """The training figures an earlier run of this stage wrote to metrics.json, if any."""
+    measures = ("train_seconds", "train_images_per_second", "peak_memory_mb")
+    return {k: v for k, v in read_metrics(out).items() if k in measures}
+
+
 def report(clip, classifier, pretrained, test_data, transform, metrics, stage, args):
     """Evaluate the saved stage: target accuracy and the forgetting table against the
     original pre-trained encoder."""
     test = extract_features(classifier.encoder, Transformed(test_data, transform), args)
     metrics["test_accuracy"] = probe_accuracy(classifier.head, *test)
-    rate = metrics["train_images_per_second"] or float("nan")
+    rate = metrics["train_images_per_second"]
+    shown = "-" if rate is None else f"{rate:.1f}"
     print(
         f"{stage.task.name}: test accuracy {metrics['test_accuracy']:.4f} after "
-        f"{metrics['steps']} steps ({rate:.1f} images/s); outputs in {stage.out}"
+        f"{metrics['steps']} steps ({shown} images/s); outputs in {stage.out}"
     )
     if args.eval_tasks:
         metrics["forgetting"] = evaluate_forgetting(

@@ -1200,6 +1200,26 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no log line twice after the resume
 
 
+def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
+    flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
+
+    def killed_while_evaluating(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldifs, "report", killed_while_evaluating)
+    assert run_main(ldifs, flags, capsys)[0] == 130
+    measured = strict_json((tmp_path / "metrics.json").read_text())
+    assert measured["train_images_per_second"] > 0 and measured["train_seconds"] > 0
+    monkeypatch.undo()
+    code, out, err = run_main(ldifs, [*flags, "--resume"], capsys)
+    assert code == 0, err
+    metrics = strict_json((tmp_path / "metrics.json").read_text())
+    assert "test_accuracy" in metrics
+    for key in ("train_images_per_second", "train_seconds", "peak_memory_mb"):
+        assert metrics[key] == measured[key], key
+    assert f"({measured['train_images_per_second']:.1f} images/s)" in out
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
     path = tmp_path / "checkpoint.pt"
