@@ -951,11 +951,13 @@ def data_missing(task, root, error, download):
         return DataMissing(
             f"task {task.name!r} needs scipy to read its .mat files: pip install scipy"
         )
-    fetched = download and task.downloads
-    how = "could not be downloaded" if fetched else "is not downloaded automatically"
+    if not task.downloads:
+        how = "it is not downloaded automatically"
+    else:
+        how = "it could not be downloaded" if download else "--no-download is set"
     return DataMissing(
-        f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and it "
-        f"{how} ({one_line(error)}); get it from {task.source}, or set --data-root"
+        f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and {how} "
+        f"({one_line(error)}); get it from {task.source}, or set --data-root"
     )
 
 
