@@ -680,9 +680,8 @@ def needs_quick_gelu(name, pretrained):
 def load_clip(name, pretrained, device="cpu"):
     """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
     tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
-    register_tiny_clip()
+    check_model(name, pretrained)
     tag = None if pretrained == "none" else pretrained
-    check_model(name, tag)
     try:
         quick_gelu = needs_quick_gelu(name, tag)
         return open_clip.create_model_and_transforms(
@@ -698,13 +697,17 @@ def load_clip(name, pretrained, device="cpu"):
         raise UserError(f"could not {what}: {one_line(e)}; {hint}") from e
 
 
-def check_model(name, tag):
+def check_model(name, pretrained):
+    """Refuse an unknown model, or weights that are neither its tag nor a file, before
+    anything is downloaded."""
+    register_tiny_clip()
     if name.startswith(("hf-hub:", "local-dir:")):
         return
     if open_clip.get_model_config(name) is None:
         raise UsageError(
             f"unknown model {name!r}; pick one of open_clip.list_models(), e.g. ViT-B-32"
         )
+    tag = None if pretrained == "none" else pretrained
     if tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise UsageError(
@@ -1578,6 +1581,7 @@ def read_templates(path):
 
 
 def check_args(args):
+    check_model(args.model, args.pretrained)  # before any data is downloaded
     positive = "batch_size epochs max_steps log_every eval_batch_size grad_clip".split()
     non_negative = "lam l2sp label_smoothing lr wd warmup workers save_every".split()
     problems = out_of_range(args, positive, non_negative)

@@ -599,6 +599,20 @@ def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     assert not ldifs.needs_quick_gelu("ViT-B-32", None)
 
 
+def test_a_bad_model_or_tag_is_refused_before_any_data_is_fetched(tmp_path, capsys, monkeypatch):
+    def fetch_data(*args):
+        pytest.fail("data was fetched before the model was checked")
+
+    monkeypatch.setattr(ldifs, "fetch_data", fetch_data)
+    for flags, message in [
+        (["--model", "ViT-Nope"], "unknown model 'ViT-Nope'"),
+        (["--model", "ViT-B-32", "--pretrained", "nope"], "--pretrained 'nope' is neither"),
+    ]:
+        argv = ["--task", "cifar10", "--out", str(tmp_path), *flags]
+        code, _, err = run_main(ldifs, argv, capsys)
+        assert code == 2 and message in err, err
+
+
 def test_load_clip_names_the_step_that_failed(monkeypatch, tmp_path):
     def fail(*args, **kwargs):
         raise RuntimeError("boom")
