@@ -146,7 +146,7 @@ def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
     finetuned = {
         k[len("visual.") :]: v.to(args.device) for k, v in weights if k.startswith("visual.")
     }
-    for alpha in [1.0, *alphas]:
+    for alpha in dict.fromkeys([1.0, *alphas]):  # alpha 1 is the run's own row: once
         encoder = copy.deepcopy(pretrained)
         encoder.load_state_dict(wise_ft(pretrained.state_dict(), finetuned, alpha))
         mixed = [torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")]

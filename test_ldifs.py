@@ -439,6 +439,16 @@ def test_eval_rebuilds_the_random_weights_a_run_started_from(two_runs, tmp_path)
     assert baseline == pytest.approx(recorded["synthetic-stripes"]["lp_pretrained"])
 
 
+def test_eval_gives_each_mix_one_row(two_runs, tmp_path, capsys):
+    run, out = str(two_runs[0] / "lam0"), tmp_path / "e.json"
+    flags = ["--tasks", "none", "--wise-ft", "0.5,1,0.5", "--workers", "0", "--json", str(out)]
+    code, _, err = run_main(evaluation, [run, *flags], capsys)
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("alpha") for r in rows] == [None, 1.0, 0.5]
+    assert rows[1]["label"] == "synthetic FT"
+
+
 def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
     result = run_cli(str(tmp_path), script="eval.py")
     assert result.returncode == 2 and "Traceback" not in result.stderr
