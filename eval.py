@@ -266,8 +266,12 @@ def plot(rows, path, x_key):
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
     args = parse_args(argv)
-    with ldifs.one_line_errors("eval.py"):
-        evaluate(args)
+    try:
+        with ldifs.one_line_errors("eval.py"):
+            evaluate(args)
+    except KeyboardInterrupt:  # the feature cache is written atomically: nothing half-written
+        print("eval.py: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

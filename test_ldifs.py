@@ -569,16 +569,19 @@ def test_unwritable_out_is_one_line(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and "Not a directory" in err, err
 
 
-def test_interrupt_is_one_line_naming_resume(capsys, monkeypatch):
+def test_ctrl_c_is_one_line_in_both_scripts(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ldifs, "run", interrupted)
+    monkeypatch.setattr(evaluation, "evaluate", interrupted)
     try:
         code, _, err = run_main(ldifs, ["--task", "synthetic"], capsys)
+        assert code == 130 and err.count("\n") == 1 and "--resume" in err
+        code, _, err = run_main(evaluation, ["runs/any"], capsys)
+        assert code == 130 and err == "eval.py: interrupted\n"
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped main() as a traceback")
-    assert code == 130 and err.count("\n") == 1 and "--resume" in err
 
 
 def test_a_gradient_clip_that_is_not_positive_is_refused(capsys):
