@@ -266,12 +266,8 @@ def plot(rows, path, x_key):
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
     args = parse_args(argv)
-    try:
-        with ldifs.one_line_errors("eval.py"):
-            evaluate(args)
-    except KeyboardInterrupt:  # the feature cache is written atomically: nothing half-written
-        print("eval.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+    with ldifs.one_line_errors("eval.py"):
+        evaluate(args)
 
 
 if __name__ == "__main__":

@@ -1441,11 +1441,15 @@ class DataMissing(UserError):
 
 
 @contextlib.contextmanager
-def one_line_errors(prog):
+def one_line_errors(prog, after_interrupt=""):
     """End the program on a UserError, an OSError such as a full disk or an unwritable --out,
-    or running out of GPU memory, with one line and no traceback: exit 2 for bad usage, else 1."""
+    or running out of GPU memory, with one line and no traceback: exit 2 for bad usage, else 1;
+    on Ctrl-C, 130, with `after_interrupt` said after "interrupted"."""
     try:
         yield
+    except KeyboardInterrupt:  # files are written atomically: none is half-written
+        print(f"{prog}: interrupted{after_interrupt}", file=sys.stderr)
+        sys.exit(130)
     except torch.OutOfMemoryError as e:
         # --resume refuses another --batch-size: it changes the schedule the checkpoint is on
         hint = "lower --batch-size (in a new run) or --eval-batch-size (then --resume)"
@@ -1764,11 +1768,8 @@ def main(argv=None):
     if args.list_tasks:
         return list_tasks(args.data_root)
     try:
-        with one_line_errors("ldifs.py"):
+        with one_line_errors("ldifs.py", "; --resume continues from the last checkpoint"):
             run(args)
-    except KeyboardInterrupt:  # checkpoints are written atomically: none is half-written
-        print("ldifs.py: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
