@@ -1688,15 +1688,23 @@ def run(args):
 
 
 def fetch_data(tasks, rank, args):
-    """{task: (train, test)} datasets, downloaded (or found) before the model is, by rank 0
-    alone under torchrun."""
-    if rank > 0:
-        torch.distributed.barrier()
+    """{task: (train, test)} datasets, downloaded (or found) before the model is. Under
+    torchrun rank 0 fetches first and the others wait; if it fails, every rank fails with
+    its error, rather than on the broken connection."""
     load = functools.partial(get_dataset, root=args.data_root, download=args.download)
-    data = {t.name: (load(t, "train"), load(t, "test")) for t in tasks}
-    if rank == 0 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return data
+    fetch = lambda: {t.name: (load(t, "train"), load(t, "test")) for t in tasks}  # noqa: E731
+    if not torch.distributed.is_initialized():
+        return fetch()
+    failure = [None]
+    if rank == 0:
+        try:
+            data = fetch()
+        except UserError as e:
+            failure = [e]
+    torch.distributed.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        raise failure[0]
+    return data if rank == 0 else fetch()
 
 
 def finetune(clip, reference, pretrained, data, transforms, stage, args):
