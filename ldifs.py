@@ -1616,6 +1616,13 @@ def pick_device(name):
     except RuntimeError:
         message = f"unknown device {name!r}; e.g. cpu, cuda, cuda:1, mps"
         raise argparse.ArgumentTypeError(message) from None
+    # Else a backend the build lacks (mps, xpu...) fails in load_clip, as if the model had.
+    accelerator = torch.accelerator.current_accelerator()  # the build's; it touches no GPU
+    backends = ["cpu"] + ([accelerator.type] if accelerator else [])
+    if device.type not in backends:
+        raise argparse.ArgumentTypeError(
+            f"{name}: this torch build runs on {' and '.join(backends)}"
+        )
     visible = torch.cuda.device_count()
     if device.type == "cuda" and (device.index or 0) >= visible:
         raise argparse.ArgumentTypeError(f"{name}: this machine has {visible} visible CUDA GPUs")
