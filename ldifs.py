@@ -469,13 +469,22 @@ def linear_probe(train_x, train_y, test_x, test_y, val=None):
 
 def weights_key(model, pretrained, seed):
     """What the pre-trained encoder's features depend on besides the data: the model and
-    its weights (a local file by path, size and mtime; random ones, 'none', by the seed)."""
+    its weights (local files by `files_digest`; random ones, 'none', by the seed)."""
+    if model.startswith("local-dir:"):  # open_clip loads the folder's files, not `pretrained`
+        files = sorted(Path(model.split(":", 1)[1]).iterdir())
+        weights = [f for f in files if f.suffix in (".bin", ".json", ".pth", ".safetensors")]
+        return {"model": model, "files": files_digest(weights)}
     if pretrained == "none":
         return {"model": model, "pretrained": pretrained, "seed": seed}
     if os.path.isfile(pretrained):
-        stat = os.stat(pretrained)
-        pretrained = f"{os.path.abspath(pretrained)}:{stat.st_size}:{stat.st_mtime_ns}"
+        pretrained = files_digest([pretrained])
     return {"model": model, "pretrained": pretrained}
+
+
+def files_digest(paths):
+    """A digest of the files' absolute paths, sizes and mtimes: it changes when one does."""
+    stats = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def feature_key(weights, task, split, transform):
@@ -990,14 +999,8 @@ def folder_task(name):
         load=load,
         layout=str(root),
         source="your folder",
-        images_digest=images_digest(root),
+        images_digest=files_digest(image_files(root)),
     )
-
-
-def images_digest(folder):
-    """A digest of the paths, sizes and mtimes of the images under `folder`."""
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image_files(folder)]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def image_folder_classes(root):
@@ -1506,7 +1509,7 @@ def parse_args(argv=None):
     add("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline's epsilon")
     ref = "continual runs: reference for task k = the encoder after task k-1, or the original"
     add("--reference", choices=["previous", "pretrained"], default="previous", help=ref)
-    add("--model", help="open_clip model name or hf-hub:org/repo [ViT-B-32]")
+    add("--model", help="open_clip model, hf-hub:org/repo or local-dir:PATH [ViT-B-32]")
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
@@ -1560,6 +1563,8 @@ def resolve_args(args):
             setattr(args, key, value)
     if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
         args.pretrained = os.path.abspath(args.pretrained)
+    if args.model.startswith("local-dir:"):  # the same for a folder of weights
+        args.model = "local-dir:" + os.path.abspath(args.model.split(":", 1)[1])
     args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
     args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
     check_args(args)

@@ -1132,6 +1132,22 @@ def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
     assert ldifs.weights_key("m", "openai", 0) == ldifs.weights_key("m", "openai", 1)
 
 
+def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path, monkeypatch):
+    """--model local-dir:PATH, e.g. a saved run: open_clip loads PATH's weights and ignores
+    --pretrained, so the feature cache must track those files, and eval.py must find PATH
+    from any folder."""
+    weights = tmp_path / "run" / "open_clip_pytorch_model.bin"
+    weights.parent.mkdir()
+    weights.write_bytes(b"1")
+    monkeypatch.chdir(tmp_path)
+    first = ldifs.weights_key("local-dir:run", "none", 0)
+    weights.write_bytes(b"22")
+    assert ldifs.weights_key("local-dir:run", "none", 0) != first
+    args = ldifs.parse_args(["--task", "synthetic", "--model", "local-dir:run"])
+    ldifs.resolve_args(args)
+    assert args.model == f"local-dir:{weights.parent}"
+
+
 def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 3, "test": 2})
     tag = ldifs.weights_key("m", "openai", 0)
