@@ -1582,9 +1582,14 @@ def read_templates(path):
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except OSError as e:
         raise UsageError(f"--templates {path}: {one_line(e)}") from e
-    if not lines or any("{}" not in line for line in lines):
+    if not lines:
+        raise UsageError(f"--templates {path}: no templates; write one a line, with {{}}")
+    for line in lines:
+        with contextlib.suppress(IndexError, KeyError, ValueError):  # {} twice, {kind}, a lone {
+            if "\0" in line.format("\0"):  # open_clip formats each template so: the name is in
+                continue
         raise UsageError(
-            f"--templates {path}: need one template a line, each with {{}} for the class"
+            f"--templates {path}: {line!r} needs one {{}} for the class name and no other {{...}}"
         )
     return tuple(lines)
 

@@ -1935,9 +1935,16 @@ def test_undecodable_image_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path
 
 
 def test_templates_file_is_checked(tmp_path):
-    (tmp_path / "bad.txt").write_text("no placeholder here\n")
-    with pytest.raises(ldifs.UsageError, match="with \\{\\}"):
-        ldifs.read_templates(tmp_path / "bad.txt")
+    # str.format fails on the last three, which would end a run with a traceback
+    for bad in ["no placeholder here", "{{}} is literal", "{} and {}", "a {kind} photo of {}"]:
+        (tmp_path / "bad.txt").write_text(f"a photo of a {{}}.\n{bad}\n")
+        with pytest.raises(ldifs.UsageError, match=re.escape(f"{bad!r} needs one {{}}")):
+            ldifs.read_templates(tmp_path / "bad.txt")
+    (tmp_path / "good.txt").write_text("a photo of a {}.\na {0} in the wild.\n")
+    assert ldifs.read_templates(tmp_path / "good.txt") == ("a photo of a {}.", "a {0} in the wild.")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ldifs.UsageError, match="no templates"):
+        ldifs.read_templates(tmp_path / "empty.txt")
     with pytest.raises(ldifs.UsageError, match="--templates"):
         ldifs.read_templates(tmp_path / "missing.txt")
 
