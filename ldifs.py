@@ -727,7 +727,7 @@ def check_model(name, pretrained):
 
 def tap_names(encoder, flag):
     """--taps a,b,c if given, else the tower's default taps; each must name a submodule."""
-    names = flag.split(",") if flag else default_tap_names(encoder)
+    names = [n.strip() for n in (flag or "").split(",") if n.strip()] or default_tap_names(encoder)
     for name in names:
         try:
             encoder.get_submodule(name)

@@ -2015,6 +2015,8 @@ def test_unsupported_tower_names_taps_flag_and_its_submodules():
         ldifs.default_tap_names(tower)
     assert "--taps" in str(error.value) and "features, pool" in str(error.value)
     assert ldifs.tap_names(tower, "features") == ["features"]
+    # as the message lists them, and a trailing comma: "" would tap the whole tower
+    assert ldifs.tap_names(tower, "features, pool,") == ["features", "pool"]
     with pytest.raises(ldifs.UsageError, match="no submodule 'nope'"):
         ldifs.tap_names(tower, "features,nope")
 
