@@ -682,7 +682,11 @@ def register_tiny_clip():
 
 def needs_quick_gelu(name, pretrained):
     # OpenAI weights were trained with QuickGELU; building them with GELU loses accuracy
-    # silently (open_clip only warns "QuickGELU mismatch").
+    # silently (open_clip only warns "QuickGELU mismatch", and for a file not at all).
+    if pretrained and os.path.isfile(pretrained):  # no tag; a run saved its config beside it
+        saved = Path(pretrained).with_name("open_clip_config.json")
+        config = json.loads(saved.read_text()) if saved.is_file() else {}
+        return bool(config.get("model_cfg", {}).get("quick_gelu"))
     return bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
 
 

@@ -615,6 +615,18 @@ def test_openai_weights_are_built_with_quick_gelu(monkeypatch):
     assert not ldifs.needs_quick_gelu("ViT-B-32", None)
 
 
+def test_weights_a_run_saved_keep_quick_gelu_when_fine_tuned_again(tmp_path):
+    """--pretrained runs/x/open_clip_pytorch_model.bin with --model ViT-B-32: a file has no
+    open_clip tag to say QuickGELU, and open_clip does not warn, but the config beside it does."""
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    weights.write_bytes(b"")
+    assert not ldifs.needs_quick_gelu("ViT-B-32", str(weights))
+    for quick_gelu in (True, False):
+        config = {"model_cfg": {"embed_dim": 512, "quick_gelu": quick_gelu}}
+        (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+        assert ldifs.needs_quick_gelu("ViT-B-32", str(weights)) is quick_gelu
+
+
 def test_a_bad_model_or_tag_is_refused_before_any_data_is_fetched(tmp_path, capsys, monkeypatch):
     def fetch_data(*args):
         pytest.fail("data was fetched before the model was checked")
