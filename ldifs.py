@@ -1605,21 +1605,23 @@ def check_args(args):
     problems = out_of_range(args, positive, non_negative)
     if args.label_smoothing >= 1:
         problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    infinite = [k for k in ("lam", "l2sp", "lr", "wd") if math.isinf(getattr(args, k))]
+    problems += [f"{flag_name(k)} must be finite, got {getattr(args, k)}" for k in infinite]
     if problems:
         raise UsageError("; ".join(problems))
 
 
 def out_of_range(args, positive, non_negative):
     """A message for each flag in `positive` that is set and not > 0, and each flag in
-    `non_negative` that is < 0."""
+    `non_negative` that is < 0, or NaN in either."""
     value = functools.partial(getattr, args)
     problems = [
         f"{flag_name(k)} must be positive, got {value(k)}"
         for k in positive
-        if value(k) is not None and value(k) <= 0
+        if value(k) is not None and not value(k) > 0
     ]
     return problems + [
-        f"{flag_name(k)} must be >= 0, got {value(k)}" for k in non_negative if value(k) < 0
+        f"{flag_name(k)} must be >= 0, got {value(k)}" for k in non_negative if not value(k) >= 0
     ]
 
 

@@ -594,6 +594,18 @@ def test_a_gradient_clip_that_is_not_positive_is_refused(capsys):
         assert code == 2 and f"--grad-clip must be positive, got {float(value)}" in err, err
 
 
+def test_a_number_flag_that_is_nan_or_infinite_is_refused(capsys, tmp_path):
+    # NaN passes every range check written as a comparison: --lam nan crashed with a traceback,
+    # and an infinite --lam or --lr stopped training as if the loss had diverged
+    cases = [("--lam", "nan"), ("--lam", "-inf"), ("--lr", "inf"), ("--wd", "nan")]
+    cases += [("--label-smoothing", "nan"), ("--l2sp", "inf"), ("--grad-clip", "nan")]
+    for flag, value in cases:
+        code, _, err = run_main(ldifs, ["--task", "synthetic", f"{flag}={value}"], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{flag} must be" in err and f"got {float(value)}" in err, err
+    assert tiny_args(tmp_path, "--grad-clip", "inf").grad_clip == float("inf")  # no clipping
+
+
 def test_out_of_gpu_memory_is_one_line_naming_the_batch_flags(capsys, monkeypatch):
     def out_of_memory(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIf ...")
