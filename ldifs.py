@@ -34,6 +34,7 @@ import math
 import os
 import re
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -1451,7 +1452,8 @@ class DataMissing(UserError):
 def one_line_errors(prog, after_interrupt=""):
     """End the program on a UserError, an OSError such as a full disk or an unwritable --out,
     or running out of GPU memory, with one line and no traceback: exit 2 for bad usage, else 1;
-    on Ctrl-C, 130, with `after_interrupt` said after "interrupted"."""
+    on Ctrl-C (or SIGTERM, which ldifs.py's main turns into one), 130, with `after_interrupt`
+    said after "interrupted"."""
     try:
         yield
     except KeyboardInterrupt:  # files are written atomically: none is half-written
@@ -1795,6 +1797,7 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
 
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill, Slurm, torchrun: as Ctrl-C
     args = parse_args(argv)
     if args.list_tasks:
         return list_tasks(args.data_root)

@@ -1275,6 +1275,19 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no log line twice after the resume
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """kill, Slurm's preemption and torchrun's teardown send SIGTERM: the run must end with
+    the same one line, after the cleanup Ctrl-C gets (no temporary checkpoint left behind)."""
+    flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
+    process = start_cli(*flags, stderr=subprocess.PIPE)
+    wait_for_checkpoint(process, tmp_path)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    last = "ldifs.py: interrupted; --resume continues from the last checkpoint"
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == last, err
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
     flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
 
