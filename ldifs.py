@@ -472,9 +472,8 @@ def weights_key(model, pretrained, seed):
     """What the pre-trained encoder's features depend on besides the data: the model and
     its weights (local files by `files_digest`; random ones, 'none', by the seed)."""
     if model.startswith("local-dir:"):  # open_clip loads the folder's files, not `pretrained`
-        files = sorted(Path(model.split(":", 1)[1]).iterdir())
-        weights = [f for f in files if f.suffix in (".bin", ".json", ".pth", ".safetensors")]
-        return {"model": model, "files": files_digest(weights)}
+        files = sorted(p for p in Path(model.split(":", 1)[1]).iterdir() if p.is_file())
+        return {"model": model, "files": files_digest(files)}
     if pretrained == "none":
         return {"model": model, "pretrained": pretrained, "seed": seed}
     if os.path.isfile(pretrained):
