@@ -299,10 +299,10 @@ def run_main(module, argv, capsys):
     return code, out, err
 
 
-def run_cli(*flags, script="ldifs.py"):
+def run_cli(*flags, script="ldifs.py", launcher=()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, str(HERE / script), *flags],
+        [sys.executable, *launcher, str(HERE / script), *flags],
         capture_output=True,
         text=True,
         env=env,
@@ -1361,16 +1361,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(v.isfinite().all() for v in checkpoint["model"].values())
 
 
-def run_torchrun(*flags, processes=2):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    return subprocess.run(
-        [*launch, str(processes), str(HERE / "ldifs.py"), *flags],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=HERE,
-    )
+TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
@@ -1392,7 +1383,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     ]
     single = run_cli(*flags, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    ddp = run_torchrun(*flags, "--out", str(tmp_path / "two"))
+    ddp = run_cli(*flags, "--out", str(tmp_path / "two"), launcher=TORCHRUN_2)
     assert ddp.returncode == 0, ddp.stderr
     one, two = (
         [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
@@ -1413,7 +1404,7 @@ def test_missing_data_under_torchrun_is_one_line_from_every_rank(tmp_path):
     """Rank 0 fetches the data while the others wait; when it cannot, they must not die on
     a broken connection with a traceback of their own."""
     flags = ["--task", "eurosat", "--no-download", "--data-root", str(tmp_path / "empty")]
-    ddp = run_torchrun(*flags, "--device", "cpu", "--out", str(tmp_path / "run"))
+    ddp = run_cli(*flags, "--device", "cpu", "--out", str(tmp_path / "run"), launcher=TORCHRUN_2)
     assert ddp.returncode != 0
     message = f"ldifs.py: error: task 'eurosat': no data at {tmp_path / 'empty' / 'eurosat'}"
     assert ddp.stderr.count(message) == 2, ddp.stderr
