@@ -74,23 +74,21 @@ def load_run(path):
 
 
 def check_same_start(runs):
-    starts = {start_of(r["metrics"]) for r in runs}
+    """The model, weights and seed the runs started from: their `ldifs.weights_key` must
+    match, which says when the seed matters and ignores what open_clip ignores."""
+    starts = {}
+    for m in (r["metrics"] for r in runs):
+        key = ldifs.weights_key(m["model"], m["pretrained"], m["seed"])
+        starts[json.dumps(key, sort_keys=True)] = m["model"], m["pretrained"], key.get("seed")
     if len(starts) > 1:
         both = "; ".join(
-            f"{m} / {p}" + f" (seed {s})" * (s is not None) for m, p, s in sorted(starts)
+            f"{m} / {p}" + f" (seed {s})" * (s is not None) for m, p, s in sorted(starts.values())
         )
         raise ldifs.UsageError(
             f"runs start from different models or weights ({both}); "
             "compare runs of one pre-trained model per call"
         )
-    return starts.pop()
-
-
-def start_of(metrics):
-    """What a run started from: the model, its weights and, for random weights ('none'), the
-    seed that drew them."""
-    random = metrics["pretrained"] == "none"
-    return metrics["model"], metrics["pretrained"], metrics["seed"] if random else None
+    return starts.popitem()[1]
 
 
 def method_label(metrics):

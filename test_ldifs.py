@@ -470,6 +470,20 @@ def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     assert code == 2 and "ldifs-tiny / none (seed 0); ldifs-tiny / none (seed 1)" in err
 
 
+def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretrained(tmp_path):
+    """open_clip loads a local-dir: model's own weights and ignores --pretrained, so two runs
+    from one folder start from the same weights whatever --pretrained they recorded."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    model = f"local-dir:{folder}"
+    runs = [
+        {"metrics": {"model": model, "pretrained": p, "seed": s}}
+        for p, s in [("openai", 0), ("none", 1)]
+    ]
+    assert evaluation.check_same_start(runs) == (model, "none", None)
+
+
 def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     run = str(two_runs[0] / "lam0")
     for flags, message in [
