@@ -200,6 +200,8 @@ def evaluate(args):
         pyplot()
         alphas = sorted(set(alphas) | {0.0})
     tasks = eval_tasks(runs, args)
+    if args.plot and not tasks:  # its x axis averages over them
+        raise ldifs.UsageError("--plot needs an eval task whose data is there; name it in --tasks")
     if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
         torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)
