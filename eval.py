@@ -265,6 +265,7 @@ def plot(rows, path, x_key):
 
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
+    ldifs.sigterm_as_ctrl_c()
     args = parse_args(argv)
     with ldifs.one_line_errors("eval.py"):
         evaluate(args)

@@ -228,7 +228,8 @@ def train_loader(data, start_step, stage, args):
     steps = (start_step, stage.total_steps, stage.rank, stage.world_size)
     batches = step_batches(len(data), args.batch_size, args.seed, *steps)
     pin = args.device.type == "cuda"
-    return DataLoader(data, batch_sampler=batches, num_workers=args.workers, pin_memory=pin)
+    loading = dict(num_workers=args.workers, pin_memory=pin, worker_init_fn=sigterm_as_ctrl_c)
+    return DataLoader(data, batch_sampler=batches, **loading)
 
 
 def step_batches(n, batch_size, seed, start_step, total_steps, rank=0, world_size=1):
@@ -390,7 +391,8 @@ def extract_features(encoder, data, args):
     """L2-normalised image embeddings and labels of every image in `data`, in fp32 with
     autocast off, as the release measured them (training alone uses bf16)."""
     encoder.eval()
-    loader = DataLoader(data, batch_size=args.eval_batch_size, num_workers=args.workers)
+    loading = dict(num_workers=args.workers, worker_init_fn=sigterm_as_ctrl_c)
+    loader = DataLoader(data, batch_size=args.eval_batch_size, **loading)
     xs, ys = [], []
     for images, labels in tqdm(loader, desc="features", unit="batch", leave=False):
         xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
@@ -1794,9 +1796,16 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
     write_json(metrics, stage.out / "metrics.json")
 
 
+def sigterm_as_ctrl_c(_worker_id=None):
+    """End on SIGTERM (kill, Slurm, torchrun, `timeout`) as on Ctrl-C. In data-loading
+    workers too: a signal to the whole process group would else kill them with a traceback
+    that can become the run's error."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill, Slurm, torchrun: as Ctrl-C
+    sigterm_as_ctrl_c()
     args = parse_args(argv)
     if args.list_tasks:
         return list_tasks(args.data_root)

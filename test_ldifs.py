@@ -1248,11 +1248,11 @@ RESUME_FLAGS = [
 ]
 
 
-def start_cli(*flags, stderr=subprocess.DEVNULL):
+def start_cli(*flags, stderr=subprocess.DEVNULL, **popen):
     command = [sys.executable, str(HERE / "ldifs.py"), *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+        command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, text=True, **popen
     )
 
 
@@ -1300,6 +1300,20 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     last = "ldifs.py: interrupted; --resume continues from the last checkpoint"
     assert process.returncode == 130 and err.strip().splitlines()[-1] == last, err
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sigterm_to_the_process_group_is_one_line_too(tmp_path):
+    """`timeout`, Slurm's scancel and a terminal's kill of a job signal the whole process
+    group, data-loading workers included: a worker must not die with a "killed by signal"
+    traceback, nor make that the run's error."""
+    flags = [*RESUME_FLAGS, "--workers", "2", "--out", str(tmp_path)]
+    process = start_cli(*flags, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_checkpoint(process, tmp_path)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    last = "ldifs.py: interrupted; --resume continues from the last checkpoint"
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == last, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
 
 
 def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
