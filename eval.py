@@ -60,7 +60,9 @@ def load_run(path):
     """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run. A
     continual run's folder stands for its last stage."""
     if not (path / "metrics.json").is_file():
-        raise ldifs.UsageError(f"{path} is not a run directory of ldifs.py (no metrics.json)")
+        unfinished = "an unfinished run: finish it with ldifs.py --resume"
+        what = unfinished if ldifs.checkpoints_in(path) else "not a run directory of ldifs.py"
+        raise ldifs.UsageError(f"{path} is {what} (no metrics.json)")
     summary = json.loads((path / "metrics.json").read_text())
     if "accuracy_matrix" in summary:
         path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])

@@ -455,6 +455,14 @@ def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "not a run directory" in result.stderr
 
 
+def test_eval_tells_an_unfinished_run_from_a_folder_that_is_no_run(tmp_path, capsys):
+    """A run killed before it finished has checkpoints but no metrics.json: say so."""
+    (tmp_path / "1-svhn").mkdir()
+    (tmp_path / "1-svhn/checkpoint.pt").write_bytes(b"")
+    code, _, err = run_main(evaluation, [str(tmp_path)], capsys)
+    assert code == 2 and "is an unfinished run: finish it with ldifs.py --resume" in err
+
+
 def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     root, _ = two_runs
     other = tmp_path / "other"
