@@ -26,11 +26,15 @@ import ldifs
 def parse_args(argv=None):
     p = ldifs.ArgumentParser(__doc__.split("\n\n")[0])
     add = p.add_argument
-    add("runs", nargs="+", type=Path, help="run directories written by ldifs.py")
+    add("runs", nargs="+", type=ldifs.user_path, help="run directories written by ldifs.py")
     add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
     add("--wise-ft", type=mixing_weights, default="", help="WiSE-FT weights alpha, e.g. 0.25,0.5")
-    add("--json", type=Path, help="also write the results here")
-    add("--plot", type=Path, help="also draw target accuracy against forgetting to this PNG")
+    add("--json", type=ldifs.user_path, help="also write the results here")
+    add(
+        "--plot",
+        type=ldifs.user_path,
+        help="also draw target accuracy against forgetting to this PNG",
+    )
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
     add("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
     add("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")

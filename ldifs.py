@@ -1520,9 +1520,13 @@ def parse_args(argv=None):
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
-    add("--templates", help="prompt templates file, one a line with {} [the task's own]")
+    add(
+        "--templates",
+        type=user_path,
+        help="prompt templates file, one a line with {} [the task's own]",
+    )
     add("--data-root", default=DATA_ROOT, help="where data is read and downloaded ($LDIFS_DATA)")
-    add("--out", type=Path, help="run directory [runs/<task>-lam<lam>]")
+    add("--out", type=user_path, help="run directory [runs/<task>-lam<lam>]")
     add("--epochs", type=int, help="training epochs per task [the release's for each task]")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
     add("--batch-size", type=int, help="global batch size [128]")
@@ -1568,10 +1572,11 @@ def resolve_args(args):
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if os.path.isfile(args.pretrained):  # recorded absolute, so eval.py finds it from anywhere
-        args.pretrained = os.path.abspath(args.pretrained)
+    weights_file = os.path.expanduser(args.pretrained)
+    if os.path.isfile(weights_file):  # recorded absolute, so eval.py finds it from anywhere
+        args.pretrained = os.path.abspath(weights_file)
     if args.model.startswith("local-dir:"):  # the same for a folder of weights
-        args.model = "local-dir:" + os.path.abspath(args.model.split(":", 1)[1])
+        args.model = "local-dir:" + os.path.abspath(user_path(args.model.split(":", 1)[1]))
     args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
     args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
     check_args(args)
@@ -1626,6 +1631,11 @@ def out_of_range(args, positive, non_negative):
     return problems + [
         f"{flag_name(k)} must be >= 0, got {value(k)}" for k in non_negative if not value(k) >= 0
     ]
+
+
+def user_path(text):
+    """A path flag, ~ expanded: the shell leaves the ~ of --out=~/runs/x as it is."""
+    return Path(text).expanduser()
 
 
 def pick_device(name):

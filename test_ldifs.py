@@ -575,6 +575,24 @@ def test_help_shows_defaults_except_none_empty_and_booleans(capsys, module, show
     assert not re.search(r"\(default: (None|True|False|)\)", text)
 
 
+def test_path_flags_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
+    """Bash expands ~ in `--out ~/x` but not in `--out=~/x`: a run must not write to ./~/x,
+    nor take ~/w.bin for an unknown tag."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = Path.home()
+    (home / "w.bin").write_bytes(b"")
+    (home / "t.txt").write_text("a photo of a {}.")
+    args = ldifs.parse_args(["--task=synthetic", "--out=~/runs/x", "--pretrained=~/w.bin"])
+    ldifs.resolve_args(args)
+    assert (args.out, args.pretrained) == (home / "runs/x", str(home / "w.bin"))
+    assert ldifs.parse_args(["--templates=~/t.txt"]).templates == home / "t.txt"
+    model = ldifs.parse_args(["--task=synthetic", "--model=local-dir:~/m", "--pretrained=none"])
+    ldifs.resolve_args(model)
+    assert model.model == f"local-dir:{home / 'm'}"
+    args = evaluation.parse_args(["~/runs/x", "--json=~/e.json", "--plot=~/e.png"])
+    assert (args.runs, args.json, args.plot) == ([home / "runs/x"], home / "e.json", home / "e.png")
+
+
 @pytest.mark.parametrize("module", [ldifs, evaluation])
 def test_a_device_this_machine_lacks_is_one_line(capsys, module, tmp_path):
     missing_gpu = f"cuda:{torch.cuda.device_count()}"
