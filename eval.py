@@ -65,7 +65,7 @@ def load_run(path):
     continual run's folder stands for its last stage."""
     if not (path / "metrics.json").is_file():
         unfinished = "an unfinished run: finish it with ldifs.py --resume"
-        what = unfinished if ldifs.checkpoints_in(path) else "not a run directory of ldifs.py"
+        what = unfinished if ldifs.run_files_in(path) else "not a run directory of ldifs.py"
         raise ldifs.UsageError(f"{path} is {what} (no metrics.json)")
     summary = json.loads((path / "metrics.json").read_text())
     if "accuracy_matrix" in summary:

@@ -1370,15 +1370,18 @@ def restore(checkpoint, classifier, optimizer, stage):
     return checkpoint["step"], checkpoint["init_head"]
 
 
-def checkpoints_in(out):
-    return [*out.glob("checkpoint.pt"), *out.glob("*/checkpoint.pt")]  # a run, or its stages
+def run_files_in(out):
+    """The checkpoints and metrics of a run, or of its stages, in `out`: a finished run whose
+    checkpoints were deleted to save space is still a run."""
+    names = ("checkpoint.pt", "metrics.json", "*/checkpoint.pt", "*/metrics.json")
+    return [path for name in names for path in out.glob(name)]
 
 
 def check_out(args):
     """Without --resume, never overwrite a run; with it, there must be one."""
-    if args.resume and not checkpoints_in(args.out):
-        raise UsageError(f"--resume: no checkpoint.pt in {args.out}; run without --resume to start")
-    if not args.resume and checkpoints_in(args.out):
+    if args.resume and not run_files_in(args.out):
+        raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")
+    if not args.resume and run_files_in(args.out):
         raise UsageError(
             f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
         )
@@ -1748,9 +1751,8 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     load a finished stage), save, evaluate; return the head."""
     (train_images, test_data), (train_transform, eval_transform) = data, transforms
     resume = args.resume and (stage.out / "checkpoint.pt").exists()
-    checkpoint = load_checkpoint(stage, args) if resume else None
-    finished = checkpoint and checkpoint["step"] == stage.total_steps
-    if finished and "test_accuracy" in read_metrics(stage.out):
+    checkpoint = load_checkpoint(stage, args) if resume else None  # after checking the flags
+    if args.resume and "test_accuracy" in read_metrics(stage.out):  # finished: keep it
         return load_finished_stage(clip, stage, args)
     stage.out.mkdir(parents=True, exist_ok=True)
     classnames = class_names(stage.task, args.data_root)

@@ -1382,7 +1382,7 @@ def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch
 def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     flags = RESUME_FLAGS + ["--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
     code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
-    assert code == 2 and f"no checkpoint.pt in {tmp_path / 'run'}" in err
+    assert code == 2 and f"no run in {tmp_path / 'run'}" in err
     assert run_main(ldifs, flags, capsys)[0] == 0
     before = (tmp_path / "run/checkpoint.pt").read_bytes()
     code, _, err = run_main(ldifs, flags, capsys)
@@ -1395,6 +1395,24 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     (tmp_path / "run/checkpoint.pt").write_bytes(before[:100])
     code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
     assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path, capsys):
+    """Checkpoints are large, and a finished run needs none: deleting them must not let the
+    same command train over the run, nor --resume train a finished stage again."""
+    out = tmp_path / "run"
+    flags = [*RESUME_FLAGS, "--task", "synthetic,synthetic-stripes", "--max-steps", "2"]
+    flags += ["--workers", "0", "--out", str(out)]
+    assert run_main(ldifs, flags, capsys)[0] == 0
+    weights = sorted(out.glob("*/open_clip_pytorch_model.bin"))
+    written = [w.stat().st_mtime_ns for w in weights]
+    for checkpoint in out.glob("*/checkpoint.pt"):
+        checkpoint.unlink()
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 2 and "already holds a run" in err
+    code, printed, err = run_main(ldifs, [*flags, "--resume"], capsys)
+    assert code == 0 and printed.count("already finished") == 2, err
+    assert [w.stat().st_mtime_ns for w in weights] == written
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
