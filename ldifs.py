@@ -508,8 +508,11 @@ def cached_features(encoder, data, key, args):
         if entry["key"] == key and len(entry["x"]) == len(entry["y"]) == len(data):
             return entry["x"], entry["y"]
     x, y = extract_features(encoder, data, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"key": key, "x": x.cpu(), "y": y.cpu()}, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"key": key, "x": x.cpu(), "y": y.cpu()}, path)
+    except OSError as e:  # read-only, full: the cache saves time, never a run
+        warn_once(f"cannot cache features in {path.parent} ({e.strerror or e}); see --cache-dir")
     return x, y
 
 

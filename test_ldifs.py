@@ -1177,6 +1177,15 @@ def test_feature_cache_hits_misses_on_key_change_and_recomputes_corrupt_entries(
     assert encoder.calls == calls + 1 and torch.equal(x3, x1)
 
 
+def test_an_unwritable_feature_cache_warns_and_the_run_goes_on(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "file/cache"))  # not a folder
+    data = [(torch.full((3, 4, 4), float(i)), i % 2) for i in range(10)]
+    key = {"model": "m", "pretrained": "p", "task": "t", "split": "train", "preprocess": "a"}
+    x, y = ldifs.cached_features(Counting(), data, key, args)
+    assert len(x) == len(y) == 10 and "cannot cache features" in capsys.readouterr().err
+
+
 def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
     task, tag = ldifs.TASKS["synthetic"], ldifs.weights_key("m", "openai", 0)
     key = ldifs.feature_key(tag, task, "train", "T1")
