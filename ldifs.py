@@ -375,6 +375,12 @@ def all_reduce_mean(tensor):
     return tensor / torch.distributed.get_world_size()
 
 
+def other_rank():
+    """Whether this is a torchrun rank other than 0, whose progress bars would overwrite
+    rank 0's."""
+    return torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
+
+
 def peak_memory_mb(device):
     """CUDA's peak allocated memory, or on the CPU the process's peak resident set."""
     if device.type == "cuda":
@@ -394,7 +400,8 @@ def extract_features(encoder, data, args):
     loading = dict(num_workers=args.workers, worker_init_fn=sigterm_as_ctrl_c)
     loader = DataLoader(data, batch_size=args.eval_batch_size, **loading)
     xs, ys = [], []
-    for images, labels in tqdm(loader, desc="features", unit="batch", leave=False):
+    bar = tqdm(loader, desc="features", unit="batch", leave=False, disable=other_rank())
+    for images, labels in bar:
         xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
         ys.append(labels.to(args.device))
     return torch.cat(xs), torch.cat(ys)
@@ -415,7 +422,8 @@ def fit_linear_probes(x, y, num_classes, lrs, steps=1000, seed=0):
     x, y = F.normalize(x.clone(), dim=-1), y.clone()  # inference tensors cannot enter autograd
     heads = [seeded_linear(x.shape[1], num_classes, seed).to(x.device) for _ in lrs]
     at_once = max(1, PROBE_LOGITS // (len(x) * num_classes))
-    with tqdm(total=steps * len(lrs), desc="linear probe", leave=False) as bar:
+    total = steps * len(lrs)
+    with tqdm(total=total, desc="linear probe", leave=False, disable=other_rank()) as bar:
         for k in range(0, len(lrs), at_once):
             fit_side_by_side(x, y, heads[k : k + at_once], lrs[k : k + at_once], steps, bar)
     return heads
