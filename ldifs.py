@@ -859,7 +859,8 @@ def require(path):
 
 @functools.cache
 def warn_once(message):
-    print(f"ldifs.py: warning: {message}", file=sys.stderr)
+    if not other_rank():  # once, not once a process
+        print(f"ldifs.py: warning: {message}", file=sys.stderr)
 
 
 def load_eurosat(root, split, download):
@@ -1443,7 +1444,8 @@ def load_finished_stage(clip, stage, args):
     """A stage that already finished: its encoder into clip.visual, and its head."""
     weights = stage.out / "open_clip_pytorch_model.bin"
     clip.load_state_dict(torch.load(weights, map_location=args.device, weights_only=True))
-    print(f"{stage.task.name}: stage {stage.index} already finished in {stage.out}; loaded it")
+    if stage.rank == 0:
+        print(f"{stage.task.name}: stage {stage.index} already finished in {stage.out}; loaded it")
     head = torch.load(stage.out / "head.pt", map_location=args.device, weights_only=True)
     return linear_head(head["weight"], head["bias"])
 

@@ -1187,9 +1187,9 @@ def test_an_unwritable_feature_cache_warns_and_the_run_goes_on(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_only_rank_0_draws_progress_bars(tmp_path, capsys, monkeypatch, rank):
+def test_only_rank_0_draws_progress_bars_and_warns(tmp_path, capsys, monkeypatch, rank):
     """Under torchrun every rank extracts features and fits the LP-init probe: one bar each
-    would garble the terminal line they share."""
+    would garble the terminal line they share, and each warning would come once a rank."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
@@ -1199,8 +1199,13 @@ def test_only_rank_0_draws_progress_bars(tmp_path, capsys, monkeypatch, rank):
         Counting(), [(torch.ones(3, 4, 4), 0), (torch.zeros(3, 4, 4), 1)], args
     )
     ldifs.fit_linear_probes(x, y, 2, [0.1], steps=2)
+    ldifs.warn_once(f"a warning seen by rank {rank}")
     err = capsys.readouterr().err
-    assert ("features" in err and "linear probe" in err) if rank == 0 else err == ""
+    assert (
+        ("features" in err and "linear probe" in err and "warning" in err)
+        if rank == 0
+        else err == ""
+    )
 
 
 def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
