@@ -1536,11 +1536,7 @@ def parse_args(argv=None):
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
-    add(
-        "--templates",
-        type=user_path,
-        help="prompt templates file, one a line with {} [the task's own]",
-    )
+    add("--templates", type=user_path, help="prompt templates file, one a line with {} [task's]")
     add("--data-root", default=DATA_ROOT, help="where data is read and downloaded ($LDIFS_DATA)")
     add("--out", type=user_path, help="run directory [runs/<task>-lam<lam>]")
     add("--epochs", type=int, help="training epochs per task [the release's for each task]")
@@ -1556,7 +1552,7 @@ def parse_args(argv=None):
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     add("--log-every", type=int, default=10, help="steps between log lines")
     add("--save-every", type=int, default=1000, help="steps between checkpoints (and each epoch)")
-    add("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    add("--resume", action="store_true", help="continue the run in --out")
     add("--no-download", dest="download", action="store_false", help="never download data")
     add("--eval-tasks", help=f"tasks to measure forgetting on, or 'none' [{DEFAULT_EVAL_TASKS}]")
     add("--cache-dir", default=CACHE_DIR, help="cache of pre-trained features ($LDIFS_CACHE)")
