@@ -4,7 +4,8 @@
     python eval.py RUN [RUN ...] [--tasks a,b] [--wise-ft 0.25,0.5,0.75] [--json F] [--plot F.png]
 
 Rows: the pre-trained model the runs started from, each run, and each run's WiSE-FT mixes
-((1 - alpha) * pre-trained + alpha * fine-tuned image encoder and head). Columns: the run's
+((1 - alpha) * start + alpha * fine-tuned image encoder and head, the start being the
+pre-trained encoder, or for stage k > 0 of a continual run stage k-1's). Columns: the run's
 own test accuracy on its target task, the linear-probe accuracy A_LP on every eval task,
 Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages. Runs may have different target
 tasks, but must share the model and pre-trained weights.
@@ -74,9 +75,20 @@ def load_run(path):
         load = functools.partial(torch.load, map_location="cpu", weights_only=True)
         metrics = json.loads((path / "metrics.json").read_text())
         weights, head = load(path / "open_clip_pytorch_model.bin"), load(path / "head.pt")
+        start = start_weights(path, metrics, load)
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
-    return {"path": path, "metrics": metrics, "weights": weights, "head": head}
+    return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
+
+
+def start_weights(path, metrics, load):
+    """The CLIP weights stage k > 0 of a continual run started from, stage k-1's; None for a
+    run that started from the pre-trained weights."""
+    k = metrics.get("stage", 0)
+    if not k:
+        return None
+    previous = path.parent / ldifs.stage_folder(k - 1, metrics["sequence"][k - 1])
+    return load(previous / "open_clip_pytorch_model.bin")
 
 
 def check_same_start(runs):
@@ -142,23 +154,24 @@ def eval_tasks(runs, args):
 
 
 def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
-    """The run's row and one per WiSE-FT mix: target accuracy with the mixed head, A_LP."""
+    """The run's row and one per WiSE-FT mix: target accuracy with the mixed head, A_LP. The
+    mix starts (alpha 0) from the encoder the run started from, on whose features its
+    initial head was fit: the pre-trained one, or for a continual stage k > 0, stage k-1's."""
     metrics, head, rows = run["metrics"], run["head"], []
     label = f"{metrics['task']} {method_label(metrics)}"
     test = ldifs.get_dataset(metrics["task"], "test", args.data_root, transform, args.download)
-    weights = run["weights"].items()  # loaded to the CPU; the pre-trained encoder is on args.device
-    finetuned = {
-        k[len("visual.") :]: v.to(args.device) for k, v in weights if k.startswith("visual.")
-    }
+    finetuned = image_encoder_weights(run["weights"], args.device)
+    start = image_encoder_weights(run["start"], args.device) if run["start"] else None
     for alpha in dict.fromkeys([1.0, *alphas]):  # alpha 1 is the run's own row: once
         encoder = copy.deepcopy(pretrained)
-        encoder.load_state_dict(wise_ft(pretrained.state_dict(), finetuned, alpha))
+        encoder.load_state_dict(wise_ft(start or pretrained.state_dict(), finetuned, alpha))
         mixed = [torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")]
         accuracy = ldifs.probe_accuracy(
             ldifs.linear_head(*mixed).to(args.device), *ldifs.extract_features(encoder, test, args)
         )
-        # alpha 0 is the pre-trained encoder: its A_LP is the baseline's
-        a_lp = baseline if alpha == 0 else probe_row(encoder, tasks, transform, args)
+        # alpha 0 of a run from the pre-trained encoder: its A_LP is the baseline's
+        pretrained_point = alpha == 0 and start is None
+        a_lp = baseline if pretrained_point else probe_row(encoder, tasks, transform, args)
         name = label if alpha == 1.0 and not rows else f"  WiSE-FT alpha {alpha:g} of {label}"
         rows.append(
             dict(
@@ -172,6 +185,12 @@ def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
             )
         )
     return rows
+
+
+def image_encoder_weights(clip_weights, device):
+    """The clip.visual part of a CLIP state dict (loaded to the CPU), on `device`."""
+    visual = {k: v for k, v in clip_weights.items() if k.startswith("visual.")}
+    return {k[len("visual.") :]: v.to(device) for k, v in visual.items()}
 
 
 def add_deltas(rows, baseline):
@@ -240,8 +259,8 @@ def pyplot():
 
 
 def plot(rows, path, x_key):
-    """Target accuracy against average A_LP or Δ_LP: per run, its WiSE-FT curve from the
-    pre-trained point (alpha 0, a star) to the run (alpha 1, labelled with its method)."""
+    """Target accuracy against average A_LP or Δ_LP: per run, its WiSE-FT curve from where it
+    started (alpha 0, a star) to the run (alpha 1, labelled with its method)."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 4.8))
     for run in dict.fromkeys(row["run"] for row in rows):
@@ -258,7 +277,7 @@ def plot(rows, path, x_key):
             xytext=(5, 5),
             fontsize=8,
         )
-    axes.plot([], [], "*", color="black", label="pre-trained (alpha 0)")
+    axes.plot([], [], "*", color="black", label="start (alpha 0)")
     x_name = "average Δ_LP" if x_key == "delta_lp" else "average A_LP"
     axes.set_xlabel(f"{x_name} over eval tasks (%)")
     axes.set_ylabel("target accuracy (%)")

@@ -1787,6 +1787,28 @@ def test_continual_resume_mid_sequence_matches_an_unbroken_sequence(tmp_path, ca
         assert all(torch.equal(a[k], b[k]) for k in a), stage
 
 
+def test_wise_ft_of_a_continual_stage_starts_from_the_previous_stage(tmp_path, capsys):
+    """Stage 1's initial head was fit on stage 0's encoder: alpha 0 of its WiSE-FT must be
+    that encoder with that head, not the pre-trained encoder with a head fit elsewhere."""
+    out = tmp_path / "seq"
+    flags = ["--task", "synthetic,synthetic-stripes", "--max-steps", "20", "--eval-tasks", "none"]
+    flags += ["--workers", "0", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert run_main(ldifs, flags, capsys)[0] == 0
+    stage_0 = out / ldifs.stage_folder(0, "synthetic")
+    compare = [str(stage_0), str(out), "--tasks", "synthetic-stripes", "--wise-ft", "0"]
+    compare += ["--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    code, _, err = run_main(evaluation, [*compare, str(tmp_path / "e.json")], capsys)
+    assert code == 0, err
+    pretrained, stage_0_run, _, _, stage_1_start = json.loads((tmp_path / "e.json").read_text())[
+        "rows"
+    ]
+    assert stage_1_start["alpha"] == 0 and stage_1_start["task"] == "synthetic-stripes"
+    stripes = stage_0_run["a_lp"]["synthetic-stripes"]
+    assert stripes != pretrained["a_lp"]["synthetic-stripes"]  # stage 0 moved the features
+    assert stage_1_start["a_lp"]["synthetic-stripes"] == pytest.approx(stripes)
+    assert stage_1_start["target_accuracy"] == pytest.approx(stripes)  # the LP-init head
+
+
 def test_l2sp_term_is_zero_at_step_zero_and_keeps_weights_closer(tmp_path):
     distances = {}
     for alpha in ("0", "0.5"):
