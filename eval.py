@@ -31,11 +31,7 @@ def parse_args(argv=None):
     add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
     add("--wise-ft", type=mixing_weights, default="", help="WiSE-FT weights alpha, e.g. 0.25,0.5")
     add("--json", type=ldifs.user_path, help="also write the results here")
-    add(
-        "--plot",
-        type=ldifs.user_path,
-        help="also draw target accuracy against forgetting to this PNG",
-    )
+    add("--plot", type=ldifs.user_path, help="also plot target accuracy against forgetting, PNG")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
     add("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
     add("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")

@@ -376,8 +376,8 @@ def all_reduce_mean(tensor):
 
 
 def other_rank():
-    """Whether this is a torchrun rank other than 0, whose progress bars would overwrite
-    rank 0's."""
+    """Whether this is a torchrun rank other than 0: rank 0 alone draws progress bars (one a
+    rank would overwrite each other) and warns."""
     return torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
 
 
