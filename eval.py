@@ -135,16 +135,16 @@ def probe_row(encoder, tasks, transform, args, weights=None):
 
 
 def eval_tasks(runs, args):
-    """--tasks, or the tasks the runs were evaluated on; a missing one is skipped with a
-    warning."""
+    """--tasks, or the tasks the runs were evaluated on; one whose data is missing, or whose
+    folder is gone for a folder:PATH task the runs recorded, is skipped with a warning."""
     recorded = [t for r in runs for t in r["metrics"].get("eval_tasks", [])]
-    names = ldifs.parse_eval_tasks(args.tasks or ",".join(recorded) or ldifs.DEFAULT_EVAL_TASKS)
+    typed = args.tasks or ("" if recorded else ldifs.DEFAULT_EVAL_TASKS)
     kept = []
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys(ldifs.parse_eval_tasks(typed) if typed else recorded):
         try:
             ldifs.get_dataset(name, "test", args.data_root, download=args.download)
             kept.append(name)
-        except ldifs.DataMissing as e:
+        except ldifs.UserError as e:  # typed names are checked above: this is data
             print(f"eval.py: warning: skipping {name}: {e}", file=sys.stderr)
     return kept
 

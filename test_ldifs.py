@@ -492,6 +492,20 @@ def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretraine
     assert evaluation.check_same_start(runs) == (model, "none", None)
 
 
+def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_path, capsys):
+    root, _ = two_runs
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("open_clip_pytorch_model.bin", "head.pt"):
+        (run / name).write_bytes((root / "lam0" / name).read_bytes())
+    metrics = json.loads((root / "lam0/metrics.json").read_text())
+    gone = f"folder:{tmp_path / 'moved'}"
+    (run / "metrics.json").write_text(json.dumps({**metrics, "eval_tasks": [gone]}))
+    code, table, err = run_main(evaluation, [str(run), "--workers", "0"], capsys)
+    assert code == 0 and f"warning: skipping {gone}" in err, err
+    assert "synthetic FT" in table
+
+
 def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     run = str(two_runs[0] / "lam0")
     for flags, message in [
