@@ -463,17 +463,22 @@ def test_eval_tells_an_unfinished_run_from_a_folder_that_is_no_run(tmp_path, cap
     assert code == 2 and "is an unfinished run: finish it with ldifs.py --resume" in err
 
 
+def copy_run(run, to, **metrics):
+    """A copy of the run in `to`, with `metrics` changed in its metrics.json."""
+    to.mkdir(exist_ok=True)
+    for name in ("open_clip_pytorch_model.bin", "head.pt"):
+        (to / name).write_bytes((run / name).read_bytes())
+    recorded = json.loads((run / "metrics.json").read_text())
+    (to / "metrics.json").write_text(json.dumps({**recorded, **metrics}))
+    return to
+
+
 def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     root, _ = two_runs
-    other = tmp_path / "other"
-    other.mkdir()
-    for name in ("open_clip_pytorch_model.bin", "head.pt"):
-        (other / name).write_bytes((root / "lam0" / name).read_bytes())
-    metrics = json.loads((root / "lam0/metrics.json").read_text())
-    (other / "metrics.json").write_text(json.dumps({**metrics, "model": "ViT-S-32"}))
+    other = copy_run(root / "lam0", tmp_path / "other", model="ViT-S-32")
     code, _, err = run_main(evaluation, [str(root / "lam0"), str(other)], capsys)
     assert code == 2 and "different models" in err
-    (other / "metrics.json").write_text(json.dumps({**metrics, "seed": 1}))  # other random weights
+    copy_run(root / "lam0", other, seed=1)  # other random weights
     code, _, err = run_main(evaluation, [str(root / "lam0"), str(other)], capsys)
     assert code == 2 and "ldifs-tiny / none (seed 0); ldifs-tiny / none (seed 1)" in err
 
@@ -494,13 +499,8 @@ def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretraine
 
 def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_path, capsys):
     root, _ = two_runs
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("open_clip_pytorch_model.bin", "head.pt"):
-        (run / name).write_bytes((root / "lam0" / name).read_bytes())
-    metrics = json.loads((root / "lam0/metrics.json").read_text())
     gone = f"folder:{tmp_path / 'moved'}"
-    (run / "metrics.json").write_text(json.dumps({**metrics, "eval_tasks": [gone]}))
+    run = copy_run(root / "lam0", tmp_path / "run", eval_tasks=[gone])
     code, table, err = run_main(evaluation, [str(run), "--workers", "0"], capsys)
     assert code == 0 and f"warning: skipping {gone}" in err, err
     assert "synthetic FT" in table
