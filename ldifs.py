@@ -1705,6 +1705,8 @@ def plan_stage(k, tasks, n_train, taps, shard, args):
     out = args.out / stage_folder(k, task.name) if len(tasks) > 1 else args.out
     sequence = tuple(t.name for t in tasks)
     total_steps = min(steps, args.max_steps or steps)
+    if args.warmup > total_steps:
+        warn_once(f"{task.name}: --warmup {args.warmup} > its {total_steps} steps: lr never peaks")
     return Stage(task, k, sequence, out, epochs, total_steps, tuple(taps), *shard)
 
 

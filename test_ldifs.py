@@ -277,6 +277,16 @@ def test_batches_depend_on_step_alone():
     assert min(i for b in full[12:24] for i in b) >= 100  # epoch 1 is encoded as 100 + image
 
 
+def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, capsys):
+    """The release's 500 warm-up steps outlast a short run (--max-steps, --epochs 1 on a
+    small task): the lr then never reaches --lr, which a user should hear."""
+    tasks = [ldifs.TASKS["synthetic"]]
+    for steps, warned in [(9, True), (10, False)]:  # the 10th step is at --lr
+        args = tiny_args(tmp_path, "--max-steps", str(steps), "--warmup", "10")
+        ldifs.plan_stage(0, tasks, 2400, ["ln_pre"], (0, 1), args)
+        assert ("lr never peaks" in capsys.readouterr().err) == warned
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [ldifs.lr_at(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -621,8 +631,10 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, module, tmp_path):
 
 def test_unwritable_out_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    flags = ["--task", "synthetic", "--max-steps", "1", "--eval-tasks", "none", "--workers", "0"]
-    code, _, err = run_main(ldifs, [*flags, "--out", str(tmp_path / "file/out")], capsys)
+    flags = ["--task", "synthetic", "--max-steps", "1", "--warmup", "1", "--eval-tasks", "none"]
+    code, _, err = run_main(
+        ldifs, [*flags, "--workers", "0", "--out", str(tmp_path / "file/out")], capsys
+    )
     assert code == 1 and err.count("\n") == 1 and "Not a directory" in err, err
 
 
