@@ -138,13 +138,16 @@ def eval_tasks(runs, args):
     """--tasks, or the tasks the runs were evaluated on; one whose data is missing, or whose
     folder is gone for a folder:PATH task the runs recorded, is skipped with a warning."""
     recorded = [t for r in runs for t in r["metrics"].get("eval_tasks", [])]
-    typed = args.tasks or ("" if recorded else ldifs.DEFAULT_EVAL_TASKS)
+    if args.tasks or not recorded:  # names typed (or the default) are checked here
+        names = ldifs.parse_eval_tasks(args.tasks or ldifs.DEFAULT_EVAL_TASKS)
+    else:
+        names = recorded
     kept = []
-    for name in dict.fromkeys(ldifs.parse_eval_tasks(typed) if typed else recorded):
+    for name in dict.fromkeys(names):
         try:
             ldifs.get_dataset(name, "test", args.data_root, download=args.download)
             kept.append(name)
-        except ldifs.UserError as e:  # typed names are checked above: this is data
+        except ldifs.UserError as e:  # missing data, or a recorded folder task that is gone
             print(f"eval.py: warning: skipping {name}: {e}", file=sys.stderr)
     return kept
 

@@ -1584,8 +1584,8 @@ def resolve_args(args):
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    weights_file = os.path.expanduser(args.pretrained)
-    if os.path.isfile(weights_file):  # recorded absolute, so eval.py finds it from anywhere
+    weights_file = user_path(args.pretrained)
+    if weights_file.is_file():  # recorded absolute, so eval.py finds it from anywhere
         args.pretrained = os.path.abspath(weights_file)
     if args.model.startswith("local-dir:"):  # the same for a folder of weights
         args.model = "local-dir:" + os.path.abspath(user_path(args.model.split(":", 1)[1]))
@@ -1762,8 +1762,8 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     load a finished stage), save, evaluate; return the head."""
     (train_images, test_data), (train_transform, eval_transform) = data, transforms
     resume = args.resume and (stage.out / "checkpoint.pt").exists()
-    checkpoint = load_checkpoint(stage, args) if resume else None  # after checking the flags
-    if args.resume and "test_accuracy" in read_metrics(stage.out):  # finished: keep it
+    checkpoint = load_checkpoint(stage, args) if resume else None  # it checks the flags
+    if args.resume and "test_accuracy" in read_metrics(stage.out):  # finished, kept or not
         return load_finished_stage(clip, stage, args)
     stage.out.mkdir(parents=True, exist_ok=True)
     classnames = class_names(stage.task, args.data_root)
