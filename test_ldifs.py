@@ -1372,31 +1372,25 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no log line twice after the resume
 
 
-def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
-    """kill, Slurm's preemption and torchrun's teardown send SIGTERM: the run must end with
-    the same one line, after the cleanup Ctrl-C gets (no temporary checkpoint left behind)."""
-    flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
-    process = start_cli(*flags, stderr=subprocess.PIPE)
+@pytest.mark.parametrize("to_the_group", [False, True])
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, to_the_group):
+    """kill, Slurm's preemption and torchrun's teardown send SIGTERM to the run; `timeout`,
+    scancel and a terminal's job kill send it to the whole process group, data-loading
+    workers included. Either way the run must end with the same one line, after the cleanup
+    Ctrl-C gets (no temporary checkpoint left behind), and no worker may die with a "killed
+    by signal" traceback that can become the run's error."""
+    flags = [*RESUME_FLAGS, "--workers", "2" if to_the_group else "0", "--out", str(tmp_path)]
+    process = start_cli(*flags, stderr=subprocess.PIPE, start_new_session=to_the_group)
     wait_for_checkpoint(process, tmp_path)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=60)
-    last = "ldifs.py: interrupted; --resume continues from the last checkpoint"
-    assert process.returncode == 130 and err.strip().splitlines()[-1] == last, err
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_sigterm_to_the_process_group_is_one_line_too(tmp_path):
-    """`timeout`, Slurm's scancel and a terminal's kill of a job signal the whole process
-    group, data-loading workers included: a worker must not die with a "killed by signal"
-    traceback, nor make that the run's error."""
-    flags = [*RESUME_FLAGS, "--workers", "2", "--out", str(tmp_path)]
-    process = start_cli(*flags, stderr=subprocess.PIPE, start_new_session=True)
-    wait_for_checkpoint(process, tmp_path)
-    os.killpg(process.pid, signal.SIGTERM)
+    if to_the_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     last = "ldifs.py: interrupted; --resume continues from the last checkpoint"
     assert process.returncode == 130 and err.strip().splitlines()[-1] == last, err
     assert "Traceback" not in err and "killed by signal" not in err, err
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
@@ -1825,9 +1819,8 @@ def test_wise_ft_of_a_continual_stage_starts_from_the_previous_stage(tmp_path, c
     compare += ["--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--json"]
     code, _, err = run_main(evaluation, [*compare, str(tmp_path / "e.json")], capsys)
     assert code == 0, err
-    pretrained, stage_0_run, _, _, stage_1_start = json.loads((tmp_path / "e.json").read_text())[
-        "rows"
-    ]
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    pretrained, stage_0_run, _, _, stage_1_start = rows
     assert stage_1_start["alpha"] == 0 and stage_1_start["task"] == "synthetic-stripes"
     stripes = stage_0_run["a_lp"]["synthetic-stripes"]
     assert stripes != pretrained["a_lp"]["synthetic-stripes"]  # stage 0 moved the features
