@@ -228,7 +228,7 @@ def train_loader(data, start_step, stage, args):
     steps = (start_step, stage.total_steps, stage.rank, stage.world_size)
     batches = step_batches(len(data), args.batch_size, args.seed, *steps)
     pin = args.device.type == "cuda"
-    loading = dict(num_workers=args.workers, pin_memory=pin, worker_init_fn=sigterm_as_ctrl_c)
+    loading = dict(num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet_worker_exit)
     return DataLoader(data, batch_sampler=batches, **loading)
 
 
@@ -397,7 +397,7 @@ def extract_features(encoder, data, args):
     """L2-normalised image embeddings and labels of every image in `data`, in fp32 with
     autocast off, as the release measured them (training alone uses bf16)."""
     encoder.eval()
-    loading = dict(num_workers=args.workers, worker_init_fn=sigterm_as_ctrl_c)
+    loading = dict(num_workers=args.workers, worker_init_fn=quiet_worker_exit)
     loader = DataLoader(data, batch_size=args.eval_batch_size, **loading)
     xs, ys = [], []
     bar = tqdm(loader, desc="features", unit="batch", leave=False, disable=other_rank())
@@ -1819,11 +1819,17 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
     write_json(metrics, stage.out / "metrics.json")
 
 
-def sigterm_as_ctrl_c(_worker_id=None):
-    """End on SIGTERM (kill, Slurm, torchrun, `timeout`) as on Ctrl-C. In data-loading
-    workers too: a signal to the whole process group would else kill them with a traceback
-    that can become the run's error."""
+def sigterm_as_ctrl_c():
+    """End on SIGTERM (kill, Slurm, torchrun, `timeout`) as on Ctrl-C."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def quiet_worker_exit(_worker_id):
+    """A data-loading worker exits at once, with status 0, on SIGTERM from anyone, as torch's
+    handler does on one from the main process. A signal to the whole process group (timeout,
+    scancel) would else kill the workers, and the main process would report that with a
+    traceback, which can become the run's error; the main process ends as on Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
 def main(argv=None):
