@@ -16,6 +16,7 @@ import copy
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def check_same_start(runs):
     """The model, weights and seed the runs started from: their `ldifs.weights_key` must
     match, which says when the seed matters and ignores what open_clip ignores."""
     starts = {}
-    for m in (r["metrics"] for r in runs):
+    for run in runs:
+        m = check_start_is_there(run)
         key = ldifs.weights_key(m["model"], m["pretrained"], m["seed"])
         starts[json.dumps(key, sort_keys=True)] = m["model"], m["pretrained"], key.get("seed")
     if len(starts) > 1:
@@ -103,6 +105,17 @@ def check_same_start(runs):
             "compare runs of one pre-trained model per call"
         )
     return starts.popitem()[1]
+
+
+def check_start_is_there(run):
+    """The run's metrics, once the weights file or local-dir: folder it started from (ldifs.py
+    records them absolute) is still where it was."""
+    m = run["metrics"]
+    local = m["model"].split(":", 1)[1] if m["model"].startswith("local-dir:") else None
+    path = local or (m["pretrained"] if os.path.isabs(m["pretrained"]) else None)
+    if path and not os.path.exists(path):
+        raise ldifs.UserError(f"{run['path']} started from {path}, which is gone; put it back")
+    return m
 
 
 def method_label(metrics):

@@ -507,6 +507,20 @@ def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretraine
     assert evaluation.check_same_start(runs) == (model, "none", None)
 
 
+def test_eval_says_when_the_weights_a_run_started_from_are_gone(two_runs, tmp_path, capsys):
+    """A run from a weights file or a local-dir: folder that has since moved: say which, not
+    a --pretrained error (eval.py has no such flag) or a bare errno."""
+    root, _ = two_runs
+    for i, (model, pretrained) in enumerate(
+        [("ldifs-tiny", str(tmp_path / "moved.bin")), (f"local-dir:{tmp_path / 'moved'}", "none")]
+    ):
+        run = copy_run(root / "lam0", tmp_path / f"run{i}", model=model, pretrained=pretrained)
+        code, _, err = run_main(evaluation, [str(run), "--workers", "0"], capsys)
+        gone = pretrained if i == 0 else str(tmp_path / "moved")
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"{run} started from {gone}, which is gone; put it back" in err, err
+
+
 def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_path, capsys):
     root, _ = two_runs
     gone = f"folder:{tmp_path / 'moved'}"
