@@ -165,6 +165,16 @@ def eval_tasks(runs, args):
     return kept
 
 
+def check_target_data(runs, args):
+    """Each run's own test data, before anything is evaluated: its target accuracy needs it."""
+    for run in runs:
+        task = run["metrics"]["task"]
+        try:
+            ldifs.get_dataset(task, "test", args.data_root, download=args.download)
+        except ldifs.UserError as e:  # missing data, or a folder:PATH task whose folder moved
+            raise type(e)(f"run {run['path']}: {e}") from e
+
+
 def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
     """The run's row and one per WiSE-FT mix: target accuracy with the mixed head, A_LP. The
     mix starts (alpha 0) from the encoder the run started from, on whose features its
@@ -236,6 +246,7 @@ def evaluate(args):
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         pyplot()
         alphas = sorted(set(alphas) | {0.0})
+    check_target_data(runs, args)
     tasks = eval_tasks(runs, args)
     if args.plot and not tasks:  # its x axis averages over them
         raise ldifs.UsageError("--plot needs an eval task whose data is there; name it in --tasks")

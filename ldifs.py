@@ -1023,7 +1023,7 @@ def folder_task(name):
 
 def image_folder_classes(root):
     """The class folders of a folder:PATH task, after checking its layout."""
-    where = f"--task folder:{root}"
+    where = f"folder:{root}"
     missing = [s + "/" for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise UsageError(

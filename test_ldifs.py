@@ -530,6 +530,26 @@ def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_pa
     assert "synthetic FT" in table
 
 
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("folder:{tmp}/moved", "run {run}: folder:{tmp}/moved: no train/ or test/ folder"),
+        ("eurosat", "run {run}: task 'eurosat': no data at {tmp}/eurosat"),
+    ],
+)
+def test_eval_checks_each_runs_own_test_data_first(
+    two_runs, tmp_path, capsys, monkeypatch, task, message
+):
+    """A run's target task whose data is gone (a moved folder:PATH) ends eval.py before the
+    model loads, with one line that names the run, not the --task flag eval.py lacks."""
+    monkeypatch.setattr(ldifs, "load_clip", lambda *_: pytest.fail("evaluated before the check"))
+    run = copy_run(two_runs[0] / "lam0", tmp_path / "run", task=task.format(tmp=tmp_path))
+    flags = ["--data-root", str(tmp_path), "--no-download", "--workers", "0"]
+    code, _, err = run_main(evaluation, [str(run), *flags], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert message.format(tmp=tmp_path, run=run) in err, err
+
+
 def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     run = str(two_runs[0] / "lam0")
     for flags, message in [
