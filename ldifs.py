@@ -1347,17 +1347,22 @@ def load_checkpoint(stage, args):
         raise UserError(
             f"cannot read checkpoint {path}: {one_line(e)}; delete it to start over"
         ) from e
+    check_same_run(saved, "checkpoint", stage, args)
+    return checkpoint
+
+
+def check_same_run(saved, source, stage, args):
+    """--resume must continue the run it finds: `saved`, the run_config its `source` recorded."""
     ours = run_config(stage, args)
     changed = [
-        f"{flag_name(k)} {v} (checkpoint: {saved.get(k)})"
+        f"{flag_name(k)} {v} ({source}: {saved.get(k)})"
         for k, v in ours.items()
         if saved.get(k) != v
     ]
     if changed:
         raise UsageError(
-            f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}"
+            f"--resume with settings that differ from the {source}'s: {', '.join(changed)}"
         )
-    return checkpoint
 
 
 def flag_name(key):
@@ -1389,14 +1394,33 @@ def run_files_in(out):
     return [path for name in names for path in out.glob(name)]
 
 
-def check_out(args):
-    """Without --resume, never overwrite a run; with it, there must be one."""
-    if args.resume and not run_files_in(args.out):
+def check_out(tasks, args):
+    """Without --resume, never overwrite a run; with it, there must be one, of these tasks."""
+    found = run_files_in(args.out)
+    if args.resume and not found:
         raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")
-    if not args.resume and run_files_in(args.out):
+    if not args.resume and found:
         raise UsageError(
             f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
         )
+    other = {p.relative_to(args.out).parts[0] for p in found if not part_of_run(p, tasks, args)}
+    if other:
+        raise UsageError(
+            f"--resume: {args.out} holds another run ({', '.join(sorted(other))}); "
+            "pass the --task it was run with, or choose another --out"
+        )
+
+
+def part_of_run(path, tasks, args):
+    """Whether a run file in --out belongs to this run: to one of its stages or, for a
+    continual run, to the summary of a sequence that this one repeats or extends."""
+    if len(tasks) == 1:
+        return path.parent == args.out
+    names = [task.name for task in tasks]
+    if path == args.out / "metrics.json":
+        recorded = read_metrics(args.out).get("tasks")
+        return recorded is not None and names[: len(recorded)] == recorded
+    return path.parent.name in [stage_folder(k, name) for k, name in enumerate(names)]
 
 
 def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
@@ -1442,6 +1466,7 @@ def read_metrics(out):
 
 def load_finished_stage(clip, stage, args):
     """A stage that already finished: its encoder into clip.visual, and its head."""
+    check_same_run(read_metrics(stage.out), "metrics.json", stage, args)
     weights = stage.out / "open_clip_pytorch_model.bin"
     clip.load_state_dict(torch.load(weights, map_location=args.device, weights_only=True))
     if stage.rank == 0:
@@ -1716,7 +1741,7 @@ def run(args):
     shard = setup_distributed(args)
     # TF32 for the fp32 matmuls that bf16 autocast leaves on CUDA.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    check_out(args)
+    check_out(tasks, args)
     data = fetch_data(tasks, shard[0], args)
     torch.manual_seed(args.seed)
     clip, *transforms = load_clip(args.model, args.pretrained, args.device)

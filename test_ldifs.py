@@ -1484,7 +1484,8 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
 
 def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path, capsys):
     """Checkpoints are large, and a finished run needs none: deleting them must not let the
-    same command train over the run, nor --resume train a finished stage again."""
+    same command train over the run, nor --resume train a finished stage again, nor a
+    --resume with other flags or another sequence of tasks train over it."""
     out = tmp_path / "run"
     flags = [*RESUME_FLAGS, "--task", "synthetic,synthetic-stripes", "--max-steps", "2"]
     flags += ["--workers", "0", "--out", str(out)]
@@ -1498,6 +1499,33 @@ def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path,
     code, printed, err = run_main(ldifs, [*flags, "--resume"], capsys)
     assert code == 0 and printed.count("already finished") == 2, err
     assert [w.stat().st_mtime_ns for w in weights] == written
+    summary = (out / "metrics.json").read_text()
+    code, _, err = run_main(ldifs, [*flags, "--resume", "--lam", "5"], capsys)
+    assert code == 2 and "--lam 5.0 (metrics.json: 10.0)" in err, err
+    reordered = [*flags, "--resume", "--task", "synthetic-stripes,synthetic"]
+    code, _, err = run_main(ldifs, reordered, capsys)
+    assert (
+        code == 2
+        and f"{out} holds another run (0-synthetic, 1-synthetic-stripes, metrics.json)" in err
+    ), err
+    assert not (out / "0-synthetic-stripes").exists()
+    assert (out / "metrics.json").read_text() == summary
+    single = [*flags, "--resume", "--task", "synthetic"]
+    code, _, err = run_main(ldifs, single, capsys)
+    assert code == 2 and "holds another run" in err and not (out / "head.pt").exists(), err
+
+
+def test_resume_may_extend_a_finished_sequence_but_not_change_it(tmp_path):
+    """A continual --resume may add tasks after a finished sequence (its summary is then
+    rewritten with more rows), never drop or reorder them."""
+    args = types.SimpleNamespace(out=tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"tasks": ["mnist", "svhn"]}))
+    tasks = [ldifs.get_task(name) for name in ("mnist", "svhn", "cifar10")]
+    assert ldifs.part_of_run(tmp_path / "metrics.json", tasks, args)
+    assert ldifs.part_of_run(tmp_path / "2-cifar10/checkpoint.pt", tasks, args)
+    assert not ldifs.part_of_run(tmp_path / "2-dtd/checkpoint.pt", tasks, args)
+    assert not ldifs.part_of_run(tmp_path / "metrics.json", tasks[::-1], args)
+    assert not ldifs.part_of_run(tmp_path / "metrics.json", tasks[:1] + tasks[2:], args)
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
