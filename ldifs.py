@@ -295,7 +295,8 @@ class TrainLog:
         self.bad_step = torch.tensor(-1, device=args.device)  # the first non-finite step
         self.since, self.clock = 0, None
         main = stage.rank == 0
-        self.file = open(stage.out / "log.jsonl", "a") if main else None
+        mode = "a" if start_step else "w"  # from step 0: over a run killed before a checkpoint
+        self.file = open(stage.out / "log.jsonl", mode) if main else None
         name, total = stage.task.name, stage.total_steps
         self.bar = tqdm(total=total, initial=start_step, desc=f"train {name}", disable=not main)
 

@@ -220,6 +220,15 @@ def test_log_lines_are_strict_json_with_null_for_an_unmeasured_rate(tmp_path):
     assert rates[:2] == [None, None] and all(rate > 0 for rate in rates[2:])
 
 
+def test_a_run_from_step_zero_replaces_the_log_of_one_killed_before_its_checkpoint(tmp_path):
+    """A run killed before its first checkpoint leaves log lines and nothing to resume; the
+    run that starts over must not append its lines to them."""
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=3)
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss/ce": 9.9}\n{"step": 2}\n')
+    fit(args, stage, classifier, reference, data)
+    assert [line["step"] for line in read_log(stage)] == [1, 2, 3]
+
+
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path)
     images = torch.stack([data[i][0] for i in range(8)])
