@@ -65,7 +65,7 @@ def load_run(path):
         unfinished = "an unfinished run: finish it with ldifs.py --resume"
         what = unfinished if ldifs.run_files_in(path) else "not a run directory of ldifs.py"
         raise ldifs.UsageError(f"{path} is {what} (no metrics.json)")
-    summary = json.loads((path / "metrics.json").read_text())
+    summary = ldifs.read_metrics(path)
     if "accuracy_matrix" in summary:
         path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])
     try:

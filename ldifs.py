@@ -1462,7 +1462,10 @@ def atomic_write(path, write):
 
 def read_metrics(out):
     path = out / "metrics.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as e:  # a run copied in part, or edited by hand
+        raise UserError(f"cannot read {path}: {one_line(e)}; fix or delete it") from e
 
 
 def load_finished_stage(clip, stage, args):

@@ -1537,6 +1537,20 @@ def test_resume_may_extend_a_finished_sequence_but_not_change_it(tmp_path):
     assert not ldifs.part_of_run(tmp_path / "metrics.json", tasks[:1] + tasks[2:], args)
 
 
+def test_a_malformed_metrics_json_is_one_line_in_both_scripts(two_runs, tmp_path, capsys):
+    """A run folder copied in part, or edited by hand: say which file, not a JSON traceback."""
+    run = copy_run(two_runs[0] / "lam0", tmp_path / "run")
+    (run / "metrics.json").write_text('{"test_accuracy": 1.0')
+    flags = ["--task", "synthetic", "--eval-tasks", "none", "--workers", "0"]
+    for module, argv in [
+        (ldifs, [*flags, "--out", str(run), "--resume"]),
+        (evaluation, [str(run)]),
+    ]:
+        code, _, err = run_main(module, argv, capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"cannot read {run / 'metrics.json'}: Expecting" in err, err
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=6)
     args.save_every = 2
