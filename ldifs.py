@@ -1471,11 +1471,16 @@ def read_metrics(out):
 def load_finished_stage(clip, stage, args):
     """A stage that already finished: its encoder into clip.visual, and its head."""
     check_same_run(read_metrics(stage.out), "metrics.json", stage, args)
-    weights = stage.out / "open_clip_pytorch_model.bin"
-    clip.load_state_dict(torch.load(weights, map_location=args.device, weights_only=True))
+    load = functools.partial(torch.load, map_location=args.device, weights_only=True)
+    try:
+        clip.load_state_dict(load(stage.out / "open_clip_pytorch_model.bin"))
+        head = load(stage.out / "head.pt")
+    except Exception as e:  # missing, truncated or corrupt: a run copied in part
+        raise UserError(
+            f"cannot load the finished run in {stage.out}: {one_line(e)}; copy it again"
+        ) from e
     if stage.rank == 0:
         print(f"{stage.task.name}: stage {stage.index} already finished in {stage.out}; loaded it")
-    head = torch.load(stage.out / "head.pt", map_location=args.device, weights_only=True)
     return linear_head(head["weight"], head["bias"])
 
 

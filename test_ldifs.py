@@ -1537,18 +1537,33 @@ def test_resume_may_extend_a_finished_sequence_but_not_change_it(tmp_path):
     assert not ldifs.part_of_run(tmp_path / "metrics.json", tasks[:1] + tasks[2:], args)
 
 
-def test_a_malformed_metrics_json_is_one_line_in_both_scripts(two_runs, tmp_path, capsys):
-    """A run folder copied in part, or edited by hand: say which file, not a JSON traceback."""
+@pytest.mark.parametrize(
+    "damaged, ldifs_says, eval_says",
+    [
+        ("metrics.json", "cannot read {file}: ", "cannot read {file}: "),
+        (
+            "open_clip_pytorch_model.bin",
+            "cannot load the finished run in {run}: PytorchStreamReader",
+            "cannot read run {run}: PytorchStreamReader",
+        ),
+    ],
+)
+def test_a_run_copied_in_part_is_one_line_in_both_scripts(
+    two_runs, tmp_path, capsys, damaged, ldifs_says, eval_says
+):
+    """A truncated or hand-edited file of a finished run (its checkpoint deleted): say which,
+    not a traceback, when ldifs.py --resume loads it and when eval.py does."""
     run = copy_run(two_runs[0] / "lam0", tmp_path / "run")
-    (run / "metrics.json").write_text('{"test_accuracy": 1.0')
-    flags = ["--task", "synthetic", "--eval-tasks", "none", "--workers", "0"]
-    for module, argv in [
-        (ldifs, [*flags, "--out", str(run), "--resume"]),
-        (evaluation, [str(run)]),
+    file = run / damaged
+    file.write_bytes(file.read_bytes()[:20])
+    flags = ["--task", "synthetic", "--lam", "0", "--max-steps", "12", "--workers", "0"]
+    for module, argv, says in [
+        (ldifs, [*flags, "--eval-tasks", "none", "--out", str(run), "--resume"], ldifs_says),
+        (evaluation, [str(run), "--workers", "0"], eval_says),
     ]:
         code, _, err = run_main(module, argv, capsys)
         assert code == 1 and len(err.strip().splitlines()) == 1, err
-        assert f"cannot read {run / 'metrics.json'}: Expecting" in err, err
+        assert says.format(file=file, run=run) in err, err
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
