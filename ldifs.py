@@ -1638,7 +1638,7 @@ def read_templates(path):
     """--templates FILE: one prompt template a line, each with {} for the class name."""
     try:
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
+    except (OSError, ValueError) as e:  # missing, or not UTF-8 text (e.g. UTF-16 from Notepad)
         raise UsageError(f"--templates {path}: {one_line(e)}") from e
     if not lines:
         raise UsageError(f"--templates {path}: no templates; write one a line, with {{}}")

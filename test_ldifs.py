@@ -2219,6 +2219,9 @@ def test_templates_file_is_checked(tmp_path):
         ldifs.read_templates(tmp_path / "empty.txt")
     with pytest.raises(ldifs.UsageError, match="--templates"):
         ldifs.read_templates(tmp_path / "missing.txt")
+    (tmp_path / "utf16.txt").write_text("a photo of a {}.\n", encoding="utf-16")  # Notepad's
+    with pytest.raises(ldifs.UsageError, match="--templates .*utf16.txt: 'utf-8' codec can't"):
+        ldifs.read_templates(tmp_path / "utf16.txt")
 
 
 # ------------------------------------------------------------------ taps on every open_clip tower
