@@ -403,7 +403,7 @@ def extract_features(encoder, data, args):
     xs, ys = [], []
     bar = tqdm(loader, desc="features", unit="batch", leave=False, disable=other_rank())
     for images, labels in bar:
-        xs.append(F.normalize(encoder(images.to(args.device)).float(), dim=-1))
+        xs.append(F.normalize(image_embedding(encoder, images.to(args.device)).float(), dim=-1))
         ys.append(labels.to(args.device))
     return torch.cat(xs), torch.cat(ys)
 
@@ -640,7 +640,14 @@ class ImageClassifier(nn.Module):
         self.encoder, self.head = encoder, head
 
     def forward(self, images):
-        return self.head(F.normalize(self.encoder(images), dim=-1))
+        return self.head(F.normalize(image_embedding(self.encoder, images), dim=-1))
+
+
+def image_embedding(encoder, images):
+    """The image tower's embedding. CoCa's towers return (embedding, tokens), and CoCa's own
+    encode_image uses the embedding."""
+    output = encoder(images)
+    return output[0] if isinstance(output, tuple) else output
 
 
 def linear_head(weight, bias=None):

@@ -2259,6 +2259,28 @@ def test_default_taps_for_every_open_clip_image_tower():
                 assert size[0] % t.shape[2] == 0 and size[1] % t.shape[3] == 0, (name, tap, t.shape)
 
 
+def test_coca_towers_classify_and_probe_on_their_embedding_not_their_tokens():
+    """open_clip's CoCa image towers return (embedding, tokens); CoCa's encode_image uses the
+    embedding, and so must the classifier and the probes' features."""
+    config = open_clip.get_model_config("coca_ViT-B-32")
+    dim = config["embed_dim"]
+    with torch.device("meta"):  # no memory, no weights
+        tower = open_clip.model._build_vision_tower(dim, config["vision_cfg"])
+        images = torch.empty(2, 3, 224, 224)
+        embedding, tokens = tower(images)
+        logits = ldifs.ImageClassifier(tower, torch.nn.Linear(dim, 5))(images)
+    assert embedding.shape == (2, dim) and tokens.dim() == 3 and logits.shape == (2, 5)
+
+    class TokensToo(torch.nn.Module):
+        def forward(self, x):
+            return x, x[:, None].expand(-1, 7, -1)
+
+    data = [(torch.randn(3), k) for k in range(5)]
+    args = types.SimpleNamespace(workers=0, eval_batch_size=2, device=torch.device("cpu"))
+    x, y = ldifs.extract_features(TokensToo(), data, args)
+    assert torch.allclose(x, F.normalize(torch.stack([d[0] for d in data]), dim=-1))
+
+
 def test_recorded_taps_take_the_first_tensor_of_a_tuple_output():
     class HuggingFaceStyleLayer(torch.nn.Module):
         def forward(self, x):
