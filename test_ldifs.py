@@ -2250,7 +2250,8 @@ def test_default_taps_for_every_open_clip_image_tower():
             tower = open_clip.model._build_vision_tower(embed_dim, vision_cfg)
             names = ldifs.default_tap_names(tower)
             with ldifs.recorded_taps(tower, names, ldifs.channels_last(tower)) as taps:
-                tower(torch.empty(2, 3, *size))
+                embedding = ldifs.image_embedding(tower, torch.empty(2, 3, *size))
+        assert embedding.shape == (2, embed_dim), name  # what the head and the probes see
         # at least the stem and 4 stages (MCi3/4 have 5), each tap seen by the forward pass
         assert len(names) >= 5 and all(t is not None for t in taps.values()), name
         for tap, t in taps.items():
