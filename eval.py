@@ -241,8 +241,11 @@ def evaluate(args):
     runs = [load_run(path) for path in args.runs]
     model, pretrained, seed = check_same_start(runs)
     alphas = args.wise_ft
-    for path in filter(None, (args.json, args.plot)):  # fail now, not after the evaluation
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for flag, path in [("--json", args.json), ("--plot", args.plot)]:  # fail now, not after
+        if path and path.is_dir():
+            raise ldifs.UsageError(f"{flag} {path} is a folder; name a file")
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         pyplot()
         alphas = sorted(set(alphas) | {0.0})

@@ -565,6 +565,8 @@ def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
         (["--wise-ft", "abc"], "--wise-ft: not comma-separated numbers: 'abc'"),
         (["--wise-ft", "0.5,2"], "--wise-ft: the weights must lie in [0, 1], got 0.5,2"),
         (["--json", str(tmp_path / "file/results.json")], str(tmp_path / "file")),
+        (["--json", str(tmp_path)], f"--json {tmp_path} is a folder; name a file"),
+        (["--plot", str(tmp_path)], f"--plot {tmp_path} is a folder; name a file"),
         (["--eval-batch-size", "0"], "--eval-batch-size must be positive, got 0"),
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
     ]:
