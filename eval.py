@@ -93,7 +93,8 @@ def check_same_start(runs):
     match, which says when the seed matters and ignores what open_clip ignores."""
     starts = {}
     for run in runs:
-        m = check_start_is_there(run)
+        check_start_is_there(run)
+        m = run["metrics"]
         key = ldifs.weights_key(m["model"], m["pretrained"], m["seed"])
         starts[json.dumps(key, sort_keys=True)] = m["model"], m["pretrained"], key.get("seed")
     if len(starts) > 1:
@@ -108,14 +109,13 @@ def check_same_start(runs):
 
 
 def check_start_is_there(run):
-    """The run's metrics, once the weights file or local-dir: folder it started from (ldifs.py
-    records them absolute) is still where it was."""
+    """The weights file or local-dir: folder a run started from (ldifs.py records them
+    absolute) must still be where it was."""
     m = run["metrics"]
     local = m["model"].split(":", 1)[1] if m["model"].startswith("local-dir:") else None
     path = local or (m["pretrained"] if os.path.isabs(m["pretrained"]) else None)
     if path and not os.path.exists(path):
         raise ldifs.UserError(f"{run['path']} started from {path}, which is gone; put it back")
-    return m
 
 
 def method_label(metrics):
