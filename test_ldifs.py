@@ -540,14 +540,14 @@ def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "task, message",
+    "task, message, exit_code",
     [
-        ("folder:{tmp}/moved", "run {run}: folder:{tmp}/moved: no train/ or test/ folder"),
-        ("eurosat", "run {run}: task 'eurosat': no data at {tmp}/eurosat"),
+        ("folder:{tmp}/moved", "run {run}: folder:{tmp}/moved: no train/ or test/ folder", 2),
+        ("eurosat", "run {run}: task 'eurosat': no data at {tmp}/eurosat", 1),
     ],
 )
 def test_eval_checks_each_runs_own_test_data_first(
-    two_runs, tmp_path, capsys, monkeypatch, task, message
+    two_runs, tmp_path, capsys, monkeypatch, task, message, exit_code
 ):
     """A run's target task whose data is gone (a moved folder:PATH) ends eval.py before the
     model loads, with one line that names the run, not the --task flag eval.py lacks."""
@@ -555,7 +555,7 @@ def test_eval_checks_each_runs_own_test_data_first(
     run = copy_run(two_runs[0] / "lam0", tmp_path / "run", task=task.format(tmp=tmp_path))
     flags = ["--data-root", str(tmp_path), "--no-download", "--workers", "0"]
     code, _, err = run_main(evaluation, [str(run), *flags], capsys)
-    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert code == exit_code and len(err.strip().splitlines()) == 1, err
     assert message.format(tmp=tmp_path, run=run) in err, err
 
 
@@ -2282,6 +2282,7 @@ def test_coca_towers_classify_and_probe_on_their_embedding_not_their_tokens():
     args = types.SimpleNamespace(workers=0, eval_batch_size=2, device=torch.device("cpu"))
     x, y = ldifs.extract_features(TokensToo(), data, args)
     assert torch.allclose(x, F.normalize(torch.stack([d[0] for d in data]), dim=-1))
+    assert y.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_recorded_taps_take_the_first_tensor_of_a_tuple_output():
