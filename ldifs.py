@@ -1047,6 +1047,15 @@ def image_folder_classes(root):
                 raise UsageError(f"{where}: class folder {folder} holds no images")
     if not classes:
         raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")
+    for split in ("val", "test"):
+        if (root / split).is_dir() and not folder_samples(root / split, classes):
+            raise UsageError(f"{where}: {split}/ holds no images in train/'s class folders")
+    n_train = len(folder_samples(root / "train", classes))
+    if not (root / "val").is_dir() and not seeded_split(n_train, "val"):  # the probes need val
+        raise UsageError(
+            f"{where}: {n_train} images in train/ hold out no validation images (10%, rounded "
+            "down); add images or a val/ folder"
+        )
     return classes
 
 

@@ -1315,7 +1315,7 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
 
 
 def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
-    root = make_folder(tmp_path / "d", counts={"train": 3, "test": 2})
+    root = make_folder(tmp_path / "d", counts={"train": 4, "test": 2})
     tag = ldifs.weights_key("m", "openai", 0)
 
     def run_key():  # each run builds its task anew
@@ -2068,6 +2068,9 @@ def test_folder_task_test_labels_follow_train_classes(tmp_path):
         ({"train": 2, "test": 2, "test/zebra": 0}, "class 'zebra' is in test/ but not in train/"),
         ({"train": 2, "test": 2, "train/empty": 0}, "holds no images"),
         ({"train": -1, "test": -1}, "no images"),
+        ({"train": 3, "test": 1}, "9 images in train/ hold out no validation images"),
+        ({"train": 4, "test": 0}, "test/ holds no images in train/'s class folders"),
+        ({"train": 4, "test": 1, "val": 0}, "val/ holds no images in train/'s class folders"),
     ],
 )
 def test_folder_task_bad_layouts_are_one_line_and_write_nothing(tmp_path, layout, message):
