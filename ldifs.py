@@ -1038,23 +1038,24 @@ def image_folder_classes(root):
             f"{where}: no {' or '.join(missing)} folder; expected {root}/train/"
             f"<class>/* and {root}/test/<class>/* (ImageFolder layout)"
         )
-    classes = subfolders(root / "train")
-    for split in ("train", "val", "test"):
+    classes, images = subfolders(root / "train"), dict.fromkeys(("train", "val", "test"), 0)
+    for split in images:
         for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
             if folder.name not in classes:
                 raise UsageError(f"{where}: class {folder.name!r} is in {split}/ but not in train/")
-            if not image_files(folder):
+            count = len(image_files(folder))
+            if not count:
                 raise UsageError(f"{where}: class folder {folder} holds no images")
+            images[split] += count
     if not classes:
         raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")
     for split in ("val", "test"):
-        if (root / split).is_dir() and not folder_samples(root / split, classes):
+        if (root / split).is_dir() and not images[split]:
             raise UsageError(f"{where}: {split}/ holds no images in train/'s class folders")
-    n_train = len(folder_samples(root / "train", classes))
-    if not (root / "val").is_dir() and not seeded_split(n_train, "val"):  # the probes need val
+    if not (root / "val").is_dir() and not seeded_split(images["train"], "val"):  # probes need it
         raise UsageError(
-            f"{where}: {n_train} images in train/ hold out no validation images (10%, rounded "
-            "down); add images or a val/ folder"
+            f"{where}: {images['train']} images in train/ hold out no validation images (10%, "
+            "rounded down); add images or a val/ folder"
         )
     return classes
 
