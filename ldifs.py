@@ -214,8 +214,9 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
             optimizer.step()
             log.record(step, ce, distance, penalty, lr)
             if is_checkpoint_step(step + 1, len(data), stage, args):
-                log.check_finite(classifier)
-                save_checkpoint(classifier, optimizer, init_head, step + 1, stage, args)
+                with log.paused():
+                    log.check_finite(classifier)
+                    save_checkpoint(classifier, optimizer, init_head, step + 1, stage, args)
     return {
         "steps": stage.total_steps,
         "train_images_per_second": log.images_per_second(),
@@ -336,6 +337,16 @@ class TrainLog:
             raise UserError(f"the loss was not finite at step {step}; {last_good(self.stage)}")
         if not all(p.isfinite().all() for p in model.parameters()):
             raise UserError(f"the weights became non-finite; {last_good(self.stage)}")
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Keep checkpoint writes out of images/s: a 1 GB write per epoch is not training, and
+        would make the figure depend on the disk."""
+        start = sync_time(self.args.device)
+        yield
+        if self.clock:
+            step, clock = self.clock
+            self.clock = (step, clock + sync_time(self.args.device) - start)
 
     def images_per_second(self, step=None):
         """Steady-state throughput up to `step`, or None (JSON's null: it has no NaN) before

@@ -220,6 +220,22 @@ def test_log_lines_are_strict_json_with_null_for_an_unmeasured_rate(tmp_path):
     assert rates[:2] == [None, None] and all(rate > 0 for rate in rates[2:])
 
 
+def test_images_per_second_leave_out_checkpoint_writes(tmp_path, monkeypatch):
+    """On a fake clock, each step takes 1 s and each checkpoint write 1000 s: the rate is one
+    batch a second."""
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, "--save-every", "2", steps=6)
+    now = [0.0]
+    step_lr, save = ldifs.lr_at, ldifs.save_checkpoint
+    monkeypatch.setattr(ldifs, "sync_time", lambda device: now[0])
+    monkeypatch.setattr(ldifs, "lr_at", lambda *a: now.__setitem__(0, now[0] + 1) or step_lr(*a))
+    monkeypatch.setattr(
+        ldifs, "save_checkpoint", lambda *a: now.__setitem__(0, now[0] + 1000) or save(*a)
+    )
+    metrics = fit(args, stage, classifier, reference, data)
+    assert metrics["train_images_per_second"] == args.batch_size
+    assert [r["images_per_second"] for r in read_log(stage)][2:] == [args.batch_size] * 4
+
+
 def test_a_run_from_step_zero_replaces_the_log_of_one_killed_before_its_checkpoint(tmp_path):
     """A run killed before its first checkpoint leaves log lines and nothing to resume; the
     run that starts over must not append its lines to them."""
