@@ -245,9 +245,28 @@ def test_a_run_from_step_zero_replaces_the_log_of_one_killed_before_its_checkpoi
     assert [line["step"] for line in read_log(stage)] == [1, 2, 3]
 
 
+def test_workers_uint8_images_finished_on_the_device_are_the_transforms_bitwise(tmp_path):
+    """The loader's workers hand over uint8 crops; `finish` scales and normalises the batch.
+    Together they give open_clip's train transform of the same seeded crop, and leave the
+    process's random state alone."""
+    _, train_tf, _ = ldifs.load_clip(ldifs.TINY_CLIP, "none")
+    data = ldifs.get_dataset("synthetic", "train", tmp_path)
+    augmented = ldifs.Augmented(data, train_tf, seed=3)
+    state = torch.get_rng_state()
+    crops = [augmented[5 * len(data) + i][0] for i in (7, 8)]  # epoch 5, images 7 and 8
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(crop.dtype == torch.uint8 for crop in crops)
+    expected = []
+    for i in (7, 8):
+        torch.manual_seed(hash((3, 5, i)))
+        expected.append(train_tf(data[i][0]))
+    assert torch.equal(augmented.finish(torch.stack(crops)), torch.stack(expected))
+    assert not torch.equal(expected[0], train_tf(data[7][0]))  # the seed picked the crop
+
+
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path)
-    images = torch.stack([data[i][0] for i in range(8)])
+    images = data.finish(torch.stack([data[i][0] for i in range(8)]))
     labels = torch.tensor([data[i][1] for i in range(8)])
     with (
         ldifs.recorded_taps(classifier.encoder, stage.taps) as taps,
@@ -265,7 +284,7 @@ def test_label_smoothing_is_torchs_in_the_training_loss(tmp_path):
         tmp_path, "--label-smoothing", "0.2", steps=1
     )
     batch = next(ldifs.step_batches(len(data), args.batch_size, args.seed, 0, 1))
-    images = torch.stack([data[i][0] for i in batch])
+    images = data.finish(torch.stack([data[i][0] for i in batch]))
     labels = torch.tensor([data[i][1] for i in batch])
     with torch.no_grad():
         logits = copy.deepcopy(classifier)(images)
@@ -279,7 +298,7 @@ def test_label_smoothing_is_torchs_in_the_training_loss(tmp_path):
 def final_drift(tmp_path, lam):
     args, stage, classifier, reference, data = tiny_setup(tmp_path, "--lam", str(lam), steps=15)
     fit(args, stage, classifier, reference, data)
-    images = torch.stack([data[i][0] for i in range(32)])
+    images = data.finish(torch.stack([data[i][0] for i in range(32)]))
     with (
         ldifs.recorded_taps(classifier.encoder, stage.taps) as taps,
         ldifs.recorded_taps(reference, stage.taps) as ref_taps,
@@ -1793,7 +1812,7 @@ def test_cuda_bf16_steps_stay_finite_reference_gets_no_gradient_and_memory_is_cu
 @cuda
 def test_cuda_distance_is_accumulated_in_fp32_under_bf16_autocast(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path, "--device", "cuda", steps=1)
-    images = torch.stack([data[i][0] for i in range(16)]).cuda()
+    images = data.finish(torch.stack([data[i][0] for i in range(16)]).cuda())
     labels = torch.tensor([data[i][1] for i in range(16)]).cuda()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
     with ldifs.autocast(args.device):  # move the encoder away from the reference first
