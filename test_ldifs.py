@@ -264,6 +264,21 @@ def test_workers_uint8_images_finished_on_the_device_are_the_transforms_bitwise(
     assert not torch.equal(expected[0], train_tf(data[7][0]))  # the seed picked the crop
 
 
+def test_compile_trains_as_eager_does(tmp_path):
+    logs = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / str(flags)  # on the CPU, where eager and compiled sum alike in fp32
+        args, stage, classifier, reference, data = tiny_setup(
+            out, "--device", "cpu", *flags, steps=3
+        )
+        fit(args, stage, classifier, reference, data)
+        logs.append(read_log(stage))
+    for key in ("loss/ce", "ldifs_distance"):
+        eager, compiled = ([line[key] for line in log] for log in logs)
+        assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-9), key
+    assert logs[0][-1]["ldifs_distance"] > 0
+
+
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path)
     images = data.finish(torch.stack([data[i][0] for i in range(8)]))
