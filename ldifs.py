@@ -190,7 +190,6 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
     stage's last step, checkpointing every epoch and every --save-every steps; return
     throughput metrics."""
     model = DistributedDataParallel(classifier) if stage.world_size > 1 else classifier
-    model, frozen = compiled(model, reference) if args.compile else (model, reference)
     loader = train_loader(data, start_step, stage, args)
     log, nhwc = TrainLog(start_step, stage, args), channels_last(reference)
     ref_taps = stage.taps if args.lam > 0 else []
@@ -208,7 +207,7 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
                 group["lr"] = lr
             with autocast(args.device):
                 batch = (images, labels, args.lam, args.label_smoothing)
-                ce, distance = ldifs_loss(model, frozen, taps, reference_taps, *batch)
+                ce, distance = ldifs_loss(model, reference, taps, reference_taps, *batch)
             penalty = l2sp_penalty(classifier.encoder, reference) if args.l2sp else 0 * ce
             optimizer.zero_grad(set_to_none=True)
             (ce + args.lam * distance + args.l2sp * penalty).backward()
@@ -224,13 +223,6 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
         "train_images_per_second": log.images_per_second(),
         "peak_memory_mb": peak_memory_mb(args.device),
     }
-
-
-def compiled(model, reference):
-    """torch.compile of both (1.3x FT's and 1.5x LDIFS's steps/s on an H200, see README).
-    Dynamo guards no hooks: a graph traced without this stage's taps must not be reused."""
-    torch.compiler.reset()
-    return torch.compile(model), torch.compile(reference)
 
 
 def train_loader(data, start_step, stage, args):
@@ -1634,7 +1626,6 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     add("--device", type=pick_device, default="", help="torch device [cuda if available, else cpu]")
     add("--workers", type=int, default=WORKERS, help="data-loading worker processes")
-    add("--compile", action="store_true", help="torch.compile the model and the reference")
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     add("--log-every", type=int, default=10, help="steps between log lines")
     add("--save-every", type=int, default=1000, help="steps between checkpoints (and each epoch)")
