@@ -1440,6 +1440,9 @@ def run_files_in(out):
 
 def check_out(tasks, args):
     """Without --resume, never overwrite a run; with it, there must be one, of these tasks."""
+    existing = next(path for path in (args.out, *args.out.parents) if path.exists())
+    if not existing.is_dir():  # else mkdir fails, after the model and data have loaded
+        raise UsageError(f"--out {args.out}: {existing} is a file, not a folder")
     found = run_files_in(args.out)
     if args.resume and not found:
         raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")

@@ -1529,6 +1529,19 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_out_that_is_or_is_under_a_file_is_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(ldifs, "load_clip", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        flags = ["--task", "synthetic", "--workers", "0", "--out", str(out)]
+        code, _, err = run_main(ldifs, flags, capsys)
+        assert code == 2, err
+        assert f"--out {out}: {tmp_path / 'notes.txt'} is a file, not a folder" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path, capsys):
     """Checkpoints are large, and a finished run needs none: deleting them must not let the
     same command train over the run, nor --resume train a finished stage again, nor a
