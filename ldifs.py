@@ -1618,7 +1618,7 @@ def parse_args(argv=None):
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
     add("--templates", type=user_path, help="prompt templates file, one a line with {} [task's]")
     add("--data-root", default=DATA_ROOT, help="where data is read and downloaded ($LDIFS_DATA)")
-    add("--out", type=user_path, help="run directory [runs/<task>-lam<lam>]")
+    add("--out", type=user_path, help="run directory [runs/<task>-lam<lam>[-l2sp<a>][-ls<e>]]")
     add("--epochs", type=int, help="training epochs per task [the release's for each task]")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
     add("--batch-size", type=int, help="global batch size [128]")
@@ -1670,9 +1670,17 @@ def resolve_args(args):
     if args.model.startswith("local-dir:"):  # the same for a folder of weights
         args.model = "local-dir:" + os.path.abspath(user_path(args.model.split(":", 1)[1]))
     args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
-    args.out = args.out or Path("runs") / f"{'+'.join(map(file_safe, names))}-lam{args.lam:g}"
+    args.out = args.out or default_out(names, args)
     check_args(args)
     return tasks
+
+
+def default_out(names, args):
+    """runs/<tasks>-lam<lam>, plus the baselines' weights when set: an L2-SP or label-smoothing
+    run with --lam 0 must not land on plain fine-tuning's folder."""
+    baselines = {"l2sp": args.l2sp, "ls": args.label_smoothing}
+    parts = ["+".join(map(file_safe, names)), f"lam{args.lam:g}"]
+    return Path("runs") / "-".join(parts + [f"{k}{v:g}" for k, v in baselines.items() if v])
 
 
 def parse_eval_tasks(value):

@@ -1529,6 +1529,19 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+def test_default_out_gives_the_baselines_folders_of_their_own(tmp_path):
+    def default_out(*flags):
+        args = ldifs.parse_args(["--task", "synthetic,synthetic-stripes", *flags])
+        ldifs.resolve_args(args)
+        return args.out
+
+    assert default_out("--lam", "0") == Path("runs/synthetic+synthetic-stripes-lam0")
+    assert default_out("--lam", "0", "--l2sp", "0.5", "--label-smoothing", "0.1") == Path(
+        "runs/synthetic+synthetic-stripes-lam0-l2sp0.5-ls0.1"
+    )
+    assert default_out("--lam", "10", "--out", str(tmp_path)) == tmp_path
+
+
 def test_an_out_that_is_or_is_under_a_file_is_refused_before_the_model_loads(
     tmp_path, capsys, monkeypatch
 ):
