@@ -247,10 +247,10 @@ def test_a_run_from_step_zero_replaces_the_log_of_one_killed_before_its_checkpoi
 
 
 def test_workers_uint8_images_finished_on_the_device_are_the_transforms_bitwise(tmp_path):
-    """The loader's workers hand over uint8 crops; `finish` scales and normalises the batch.
-    Together they give open_clip's train transform of the same seeded crop, and leave the
-    process's random state alone."""
-    _, train_tf, _ = ldifs.load_clip(ldifs.TINY_CLIP, "none")
+    """The loader's workers hand over uint8 images; `finish` scales and normalises the batch.
+    Together they give open_clip's transform of the same image (the train transform's with
+    the same seeded crop), and leave the process's random state alone."""
+    _, train_tf, eval_tf = ldifs.load_clip(ldifs.TINY_CLIP, "none")
     data = ldifs.get_dataset("synthetic", "train", tmp_path)
     augmented = ldifs.Augmented(data, train_tf, seed=3)
     state = torch.get_rng_state()
@@ -263,6 +263,19 @@ def test_workers_uint8_images_finished_on_the_device_are_the_transforms_bitwise(
         expected.append(train_tf(data[i][0]))
     assert torch.equal(augmented.finish(torch.stack(crops)), torch.stack(expected))
     assert not torch.equal(expected[0], train_tf(data[7][0]))  # the seed picked the crop
+    test = ldifs.Transformed(data, eval_tf)
+    assert test[7][0].dtype == torch.uint8
+    assert torch.equal(test.finish(test[7][0][None]), eval_tf(data[7][0])[None])
+
+
+def test_features_of_a_transformed_dataset_are_those_of_its_transformed_images(tmp_path):
+    clip, _, eval_tf = ldifs.load_clip(ldifs.TINY_CLIP, "none")
+    data = torch.utils.data.Subset(ldifs.get_dataset("synthetic", "test", tmp_path), range(6))
+    args = types.SimpleNamespace(workers=0, eval_batch_size=4, device=torch.device("cpu"))
+    x, y = ldifs.extract_features(clip.visual, ldifs.Transformed(data, eval_tf), args)
+    by_hand = [(eval_tf(image), label) for image, label in data]
+    x_by_hand, y_by_hand = ldifs.extract_features(clip.visual, by_hand, args)
+    assert torch.equal(x, x_by_hand) and torch.equal(y, y_by_hand)
 
 
 def test_ldifs_term_is_zero_at_step_zero(tmp_path):
