@@ -579,6 +579,18 @@ def test_eval_says_when_the_weights_a_run_started_from_are_gone(two_runs, tmp_pa
         assert f"{run} started from {gone}, which is gone; put it back" in err, err
 
 
+def test_eval_of_runs_evaluated_on_no_task_fetches_nothing(two_runs, tmp_path, capsys):
+    """A continual run over every task of its recipe, or one with --eval-tasks none, records
+    no eval task: eval.py must not fall back on the release's seven datasets to download."""
+    root, _ = two_runs
+    run = copy_run(root / "lam0", tmp_path / "run", eval_tasks=[])
+    args = [str(run), "--workers", "0", "--data-root", str(tmp_path / "empty")]
+    code, table, err = run_main(evaluation, args, capsys)
+    assert code == 0 and "skipping" not in err, err
+    assert "warning: the runs were evaluated on no task; name some with --tasks" in err
+    assert "synthetic FT" in table and not (tmp_path / "empty").exists()
+
+
 def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_path, capsys):
     root, _ = two_runs
     gone = f"folder:{tmp_path / 'moved'}"
