@@ -253,8 +253,8 @@ class Transformed(Dataset):
     workers run it up to its ToTensor (crop and resize, in PIL) and hand over uint8 images;
     `finish` runs the rest, the scaling to [0, 1] and the normalisation, on whole batches on
     the device. A quarter of the bytes then goes through the loader, and the same workers
-    give about twice the images/s (see README). The images are the un-split transform's:
-    bitwise on the CPU, within an ulp on CUDA."""
+    give about twice the images/s (see README). The images are the un-split transform's,
+    bitwise on the CPU; CUDA may round the division by 255 differently in the last bit."""
 
     def __init__(self, data, transform):
         steps = transform.transforms
@@ -283,8 +283,10 @@ class Augmented(Transformed):
 
     def __getitem__(self, index):
         epoch, i = divmod(index, len(self.data))
-        state = torch.default_generator.get_state()  # torch.manual_seed, which seeds every
-        torch.default_generator.manual_seed(hash((self.seed, epoch, i)))  # device: 50x slower
+        # The CPU generator alone, which the crop draws from: torch.manual_seed also seeds
+        # every other device, at 50 times the cost per image.
+        state = torch.default_generator.get_state()
+        torch.default_generator.manual_seed(hash((self.seed, epoch, i)))
         try:
             return super().__getitem__(i)
         finally:
