@@ -1735,14 +1735,9 @@ def step_images_per_second(model, batch_size, device, lam=0.0, compiled=False, s
     reference = ldifs.frozen_copy(clip.visual)
     taps = ldifs.default_tap_names(clip.visual) if lam else []
     torch.compiler.reset()  # dynamo guards no hooks: a graph traced without taps would be reused
-    trained, frozen = (
-        (torch.compile(m) for m in (classifier, reference))
-        if compiled
-        else (
-            classifier,
-            reference,
-        )
-    )
+    trained, frozen = classifier, reference
+    if compiled:
+        trained, frozen = torch.compile(classifier), torch.compile(reference)
     optimizer = torch.optim.AdamW(
         classifier.parameters(), lr=1e-5, weight_decay=0.1, fused=device.type == "cuda"
     )
@@ -1799,7 +1794,7 @@ def features_images_per_second(model, data, transform, args):
     return len(data) / (ldifs.sync_time(args.device) - start)
 
 
-def in_file_runs(flags, tmp_path, repeats=3):
+def in_file_runs(flags, tmp_path, cuda, repeats=3):
     """metrics.json of `ldifs.py FLAGS --lam 0` and `--lam 10`, alternated so that drifts in
     the machine's load hit both alike; the runs' 1 GB checkpoints are deleted as they end.
     On CUDA they run in this process: a process's start and CUDA's take about 10 s there."""
@@ -1807,7 +1802,7 @@ def in_file_runs(flags, tmp_path, repeats=3):
     for repeat in range(repeats):
         for lam in runs:
             out = tmp_path / f"lam{lam}-{repeat}"
-            if torch.cuda.is_available() and "cpu" not in flags:
+            if cuda:
                 torch.cuda.reset_peak_memory_stats()
                 ldifs.main([*flags, "--lam", lam, "--out", str(out)])
             else:  # a process each, for its own peak RSS
@@ -1835,7 +1830,7 @@ def test_bench_ldifs_overhead_loop_efficiency_and_memory(tmp_path):
         *("--batch-size", str(batch), "--max-steps", str(steps), "--eval-tasks", "none"),
         *("--device", str(device), *([] if cuda else ["--workers", "1"])),
     ]
-    ft_runs, ldifs_runs = in_file_runs(flags, tmp_path)
+    ft_runs, ldifs_runs = in_file_runs(flags, tmp_path, cuda)
     ft, ld = rate(ft_runs), rate(ldifs_runs)
     memory = [median([m["peak_memory_mb"] for m in r]) for r in (ft_runs, ldifs_runs)]
     bare, ldifs_bare = (step_images_per_second(model, batch, device, lam)[0] for lam in (0, 10))
