@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -576,7 +577,7 @@ def forgetting_on(task, reference, encoder, clip, transform, args):
         "finetuned": task_features(encoder, task, transform, args),
     }
     names = class_names(task, args.data_root)  # once the features have fetched the data
-    tokenizer = open_clip.get_tokenizer(args.model)
+    tokenizer = tokenizer_of(args.model)
     zs = zero_shot_head(clip, tokenizer, names, task.templates, args.device)
     row = {}
     for which, f in features.items():
@@ -710,7 +711,7 @@ def initial_head(clip, task, classnames, transform, stage, args):
     """The head's init: the zero-shot text head, or an LP-init probe that reuses cached
     features only while the encoder is the pre-trained one (the first stage)."""
     if args.head == "zs":
-        tokenizer = open_clip.get_tokenizer(args.model)
+        tokenizer = tokenizer_of(args.model)
         return zero_shot_head(clip, tokenizer, classnames, task.templates, args.device)
     return probe_head(clip.visual, task, len(classnames), transform, args, cache=stage.index == 0)
 
@@ -771,6 +772,13 @@ def check_model(name, pretrained):
         raise UsageError(
             f"unknown model {name!r}; pick one of open_clip.list_models(), e.g. ViT-B-32"
         )
+    text = open_clip.get_model_config(name).get("text_cfg", {})
+    hugging_face = text.get("hf_model_name") or text.get("hf_tokenizer_name")
+    if hugging_face and not importlib.util.find_spec("transformers"):  # SigLIP's tokenizer, say
+        needs = (
+            f"{name}'s text side comes from Hugging Face ({hugging_face}) and needs transformers"
+        )
+        raise UserError(f"{needs}: pip install transformers")
     tag = None if pretrained == "none" else pretrained
     if tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
@@ -778,6 +786,15 @@ def check_model(name, pretrained):
             f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "
             "pass a tag, a checkpoint path, or 'none'"
         )
+
+
+def tokenizer_of(name):
+    """open_clip's tokenizer of `name`. Hugging Face's need transformers, which the
+    requirements leave out; check_model says so up front where the config is at hand."""
+    try:
+        return open_clip.get_tokenizer(name)
+    except ImportError as e:
+        raise UserError(f"the tokenizer of {name} needs {e.name}: pip install {e.name}") from e
 
 
 def tap_names(encoder, flag):

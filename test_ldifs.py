@@ -4,6 +4,7 @@ import ast
 import copy
 import dataclasses
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import math
@@ -1565,6 +1566,38 @@ def test_default_out_gives_the_baselines_folders_of_their_own(tmp_path):
         "runs/synthetic+synthetic-stripes-lam0-l2sp0.5-ls0.1"
     )
     assert default_out("--lam", "10", "--out", str(tmp_path)) == tmp_path
+
+
+def test_a_hugging_face_text_side_without_transformers_is_one_line_before_any_loading(
+    tmp_path, capsys, monkeypatch
+):
+    """SigLIP's tokenizer and XLM-RoBERTa's text tower need transformers, which the
+    requirements leave out: say so before the model or any data loads, not in a traceback."""
+    find_spec = importlib.util.find_spec
+
+    def without_transformers(name, *args):
+        return None if name == "transformers" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_transformers)
+    monkeypatch.setattr(ldifs, "load_clip", lambda *a: pytest.fail("the model was loaded"))
+    for model, hub in [
+        ("ViT-B-16-SigLIP", "timm/ViT-B-16-SigLIP"),
+        ("xlm-roberta-base-ViT-B-32", "xlm-roberta-base"),
+    ]:
+        flags = ["--task", "synthetic", "--model", model, "--pretrained", "none"]
+        code, _, err = run_main(ldifs, [*flags, "--out", str(tmp_path / model)], capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"{model}'s text side comes from Hugging Face ({hub}) and needs transformers" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_tokenizer_that_needs_a_missing_package_is_a_one_line_error(monkeypatch):
+    def get_tokenizer(name):  # as open_clip's HFTokenizer does without transformers
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", get_tokenizer)
+    with pytest.raises(ldifs.UserError, match="tokenizer of hf-hub:x/y needs transformers"):
+        ldifs.tokenizer_of("hf-hub:x/y")
 
 
 def test_an_out_that_is_or_is_under_a_file_is_refused_before_the_model_loads(
