@@ -260,7 +260,7 @@ class Transformed(Dataset):
     def __init__(self, data, transform):
         steps = transform.transforms
         cut = next(k for k, step in enumerate(steps) if isinstance(step, ToTensor))
-        self.data, self.transform = data, Compose([*steps[:cut], PILToTensor()])
+        self.data, self.on_workers = data, Compose([*steps[:cut], PILToTensor()])
         self.on_device = Compose(steps[cut + 1 :])
 
     def __len__(self):
@@ -268,7 +268,7 @@ class Transformed(Dataset):
 
     def __getitem__(self, i):
         image, label = self.data[i]
-        return self.transform(image), label
+        return self.on_workers(image), label
 
     def finish(self, images):
         return self.on_device(images.float() / 255)
