@@ -746,7 +746,8 @@ def load_clip(name, pretrained, device="cpu"):
     """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
     tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
     check_model(name, pretrained)
-    tag = None if pretrained == "none" else pretrained
+    ignored = pretrained == "none" or name.startswith("local-dir:")  # open_clip ignores it there
+    tag = None if ignored else pretrained
     try:
         quick_gelu = needs_quick_gelu(name, tag)
         return open_clip.create_model_and_transforms(
@@ -766,7 +767,9 @@ def check_model(name, pretrained):
     """Refuse an unknown model, or weights that are neither its tag nor a file, before
     anything is downloaded."""
     register_tiny_clip()
-    if name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith("local-dir:"):
+        return check_local_dir(name)
+    if name.startswith("hf-hub:"):
         return
     if open_clip.get_model_config(name) is None:
         raise UsageError(
@@ -786,6 +789,16 @@ def check_model(name, pretrained):
             f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "
             "pass a tag, a checkpoint path, or 'none'"
         )
+
+
+def check_local_dir(name):
+    """A local-dir: folder must hold open_clip's config and weights: without a weights file,
+    open_clip builds random weights and only logs a warning."""
+    folder = Path(name.split(":", 1)[1])
+    if not (folder / "open_clip_config.json").is_file():
+        raise UsageError(f"{name}: no open_clip_config.json in it; name a folder a run wrote")
+    if not any(any(folder.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pth")):
+        raise UsageError(f"{name}: no weights file (*.safetensors, *.bin or *.pth) in it")
 
 
 def tokenizer_of(name):

@@ -1367,6 +1367,7 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
     weights = tmp_path / "run" / "open_clip_pytorch_model.bin"
     weights.parent.mkdir()
     weights.write_bytes(b"1")
+    (weights.parent / "open_clip_config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     first = ldifs.weights_key("local-dir:run", "none", 0)
     weights.write_bytes(b"22")
@@ -1374,6 +1375,31 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
     args = ldifs.parse_args(["--task", "synthetic", "--model", "local-dir:run"])
     ldifs.resolve_args(args)
     assert args.model == f"local-dir:{weights.parent}"
+
+
+def test_a_local_dir_folder_without_its_config_or_weights_is_refused_up_front(tmp_path, capsys):
+    """open_clip builds a local-dir: folder that holds a config but no weights file with random
+    weights, and only logs a warning (which ldifs.py silences): a fine-tuning or an eval.py
+    baseline from noise that looks like a result. A folder without its config was blamed on the
+    connection."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    flags = ["--task", "synthetic", "--model", f"local-dir:{folder}", "--out", str(tmp_path / "o")]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"local-dir:{folder}: no open_clip_config.json in it" in err, err
+    config = {"model_cfg": ldifs.TINY_CLIP_CONFIG, "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "no weights file (*.safetensors, *.bin or *.pth) in it" in err, err
+    with pytest.raises(ldifs.UsageError, match="no weights file"):  # eval.py's path
+        ldifs.load_clip(f"local-dir:{folder}", "none")
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"")
+    (folder / "open_clip_config.json").write_text("{")  # open_clip ignores --pretrained here
+    code, _, err = run_main(ldifs, [*flags, "--pretrained", "openai", "--workers", "0"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "check its model config" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
