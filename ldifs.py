@@ -748,10 +748,12 @@ def load_clip(name, pretrained, device="cpu"):
     check_model(name, pretrained)
     ignored = pretrained == "none" or name.startswith("local-dir:")  # open_clip ignores it there
     tag = None if ignored else pretrained
+    # Weights that fail to load are an error: open_clip would go on with random ones, warning.
+    required = bool(tag) or name.startswith(("hf-hub:", "local-dir:"))
     try:
         quick_gelu = needs_quick_gelu(name, tag)
         return open_clip.create_model_and_transforms(
-            name, pretrained=tag, device=device, force_quick_gelu=quick_gelu
+            name, tag, device=device, force_quick_gelu=quick_gelu, require_pretrained=required
         )
     except Exception as e:  # open_clip raises bare RuntimeErrors for all of these
         if tag and os.path.isfile(tag):

@@ -1402,6 +1402,20 @@ def test_a_local_dir_folder_without_its_config_or_weights_is_refused_up_front(tm
     assert not (tmp_path / "o").exists()
 
 
+def test_an_hf_hub_model_whose_weights_fail_to_download_is_an_error(monkeypatch):
+    """open_clip goes on with random weights when an hf-hub: model's config downloads and its
+    weights do not, and only logs a warning."""
+    config = {"model_cfg": ldifs.TINY_CLIP_CONFIG, "preprocess_cfg": {}}
+    monkeypatch.setattr(open_clip.factory, "_get_hf_config", lambda *_, **__: config)
+
+    def connection_lost(*_, **__):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf", connection_lost)
+    with pytest.raises(ldifs.UserError, match="could not download hf-hub:org/repo weights"):
+        ldifs.load_clip("hf-hub:org/repo", "none")
+
+
 def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 4, "test": 2})
     tag = ldifs.weights_key("m", "openai", 0)
