@@ -767,6 +767,18 @@ def test_a_gradient_clip_that_is_not_positive_is_refused(capsys):
         assert code == 2 and f"--grad-clip must be positive, got {float(value)}" in err, err
 
 
+def test_flags_a_run_cannot_use_are_one_line(capsys, tmp_path):
+    out = ["--out", str(tmp_path / "run"), "--workers", "0", "--eval-tasks", "none"]
+    for flags, says in [
+        (["--task", "synthetic,synthetic"], "--task 'synthetic,synthetic' repeats a task"),
+        (["--task", "synthetic", "--label-smoothing", "1"], "--label-smoothing must be below 1"),
+        (["--task", "synthetic", "--batch-size", "2401"], "exceeds the 2400 training images"),
+    ]:
+        code, _, err = run_main(ldifs, [*flags, *out], capsys)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_number_flag_that_is_nan_or_infinite_is_refused(capsys, tmp_path):
     # NaN passes every range check written as a comparison: --lam nan crashed with a traceback,
     # and an infinite --lam or --lr stopped training as if the loss had diverged
@@ -1743,6 +1755,37 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "intact" in str(error.value)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 4
+    assert all(v.isfinite().all() for v in checkpoint["model"].values())
+
+
+def test_a_non_finite_loss_between_log_lines_is_caught_before_the_checkpoint(tmp_path):
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=4)
+    args.save_every, args.log_every = 1, 10  # the checkpoint comes before any log line
+    classifier.head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+    with pytest.raises(ldifs.UserError) as error:
+        fit(args, stage, classifier, reference, data)
+    assert str(error.value) == (
+        "the loss was not finite at step 0; no checkpoint was written; try a lower --lr"
+    )
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_after_a_finite_loss_never_reach_a_checkpoint(tmp_path):
+    """A NaN gradient leaves its step's loss finite and every weight NaN after the update."""
+    args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=6)
+    args.save_every, args.log_every = 2, 10
+    backwards = []
+
+    def poison(grad):  # the 4th step's (index 3): its update ends where a checkpoint is due
+        backwards.append(1)
+        return grad * float("nan") if len(backwards) == 4 else grad
+
+    classifier.head.weight.register_hook(poison)
+    with pytest.raises(ldifs.UserError, match="the weights became non-finite") as error:
+        fit(args, stage, classifier, reference, data)
+    assert f"the last good checkpoint {tmp_path / 'checkpoint.pt'} is intact" in str(error.value)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2
     assert all(v.isfinite().all() for v in checkpoint["model"].values())
 
 
