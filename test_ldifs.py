@@ -1014,6 +1014,30 @@ def test_resisc45_seeded_60_20_20_without_split_files(tmp_path):
     assert names[2] == "scene 02" and len(names) == 45  # sorted folders, '_' read as ' '
 
 
+def test_missing_data_or_scipy_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    root = tmp_path / "scipy-projects"  # a path that names scipy is not a missing scipy
+    with pytest.raises(ldifs.DataMissing) as error:
+        ldifs.class_names(ldifs.TASKS["resisc45"], root)
+    assert f"task 'resisc45': no data at {root}/resisc45/" in str(error.value)
+    assert "it is not downloaded automatically" in str(error.value)
+
+    def load_mat(root, split, download):  # as torchvision's SVHN reads its .mat files
+        import scipy.io  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    svhn = dataclasses.replace(ldifs.TASKS["svhn"], load=load_mat)
+    with pytest.raises(ldifs.DataMissing) as error:
+        ldifs.get_dataset(svhn, "test", root)
+    assert str(error.value) == "task 'svhn' needs scipy to read its .mat files: pip install scipy"
+    cars = dataclasses.replace(ldifs.TASKS["cars"], load=torchvision_cars_without_scipy)
+    with pytest.raises(ldifs.DataMissing, match="task 'cars' needs scipy"):
+        ldifs.get_dataset(cars, "test", root)
+
+
+def torchvision_cars_without_scipy(root, split, download):
+    raise RuntimeError("Scipy is not found. This dataset needs to have scipy installed: ...")
+
+
 def test_resisc45_uses_the_standard_split_files(tmp_path):
     make_resisc45(tmp_path)
     for split, ks in {"train": (0, 1, 2), "val": (3,), "test": (4,)}.items():
