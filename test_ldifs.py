@@ -1626,6 +1626,9 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     assert code == 2 and "--lam 0.0 (checkpoint: 10.0)" in err
     code, _, err = run_main(ldifs, flags + ["--label-smoothing", "0.1", "--resume"], capsys)
     assert code == 2 and "--label-smoothing 0.1 (checkpoint: 0.0)" in err
+    longer = [*flags, "--max-steps", "3", "--resume"]  # the cosine schedule ends elsewhere
+    code, _, err = run_main(ldifs, longer, capsys)
+    assert code == 2 and "total steps (from --epochs, --max-steps) 3 (checkpoint: 2)" in err
     (tmp_path / "run/checkpoint.pt").write_bytes(before[:100])
     code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
     assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
