@@ -1747,10 +1747,12 @@ def read_templates(path):
 def check_args(args):
     check_model(args.model, args.pretrained)  # before any data is downloaded
     positive = "batch_size epochs max_steps log_every eval_batch_size grad_clip".split()
-    non_negative = "lam l2sp label_smoothing lr wd warmup workers save_every".split()
+    non_negative = "lam l2sp label_smoothing lr wd warmup workers save_every seed".split()
     problems = out_of_range(args, positive, non_negative)
     if args.label_smoothing >= 1:
         problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    if args.seed >= 2**64:  # torch seeds its generators with 64 bits
+        problems.append(f"--seed must be below 2**64, got {args.seed}")
     infinite = [k for k in ("lam", "l2sp", "lr", "wd") if math.isinf(getattr(args, k))]
     problems += [f"{flag_name(k)} must be finite, got {getattr(args, k)}" for k in infinite]
     if problems:

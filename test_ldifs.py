@@ -773,6 +773,8 @@ def test_flags_a_run_cannot_use_are_one_line(capsys, tmp_path):
         (["--task", "synthetic,synthetic"], "--task 'synthetic,synthetic' repeats a task"),
         (["--task", "synthetic", "--label-smoothing", "1"], "--label-smoothing must be below 1"),
         (["--task", "synthetic", "--batch-size", "2401"], "exceeds the 2400 training images"),
+        (["--task", "synthetic", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--task", "synthetic", "--seed", str(2**64)], f"--seed must be below 2**64, got {2**64}"),
     ]:
         code, _, err = run_main(ldifs, [*flags, *out], capsys)
         assert code == 2 and err.count("\n") == 1 and says in err, err
