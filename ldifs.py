@@ -737,6 +737,11 @@ def needs_quick_gelu(name, pretrained):
     # silently (open_clip only warns "QuickGELU mismatch", and for a file not at all).
     if pretrained and os.path.isfile(pretrained):  # no tag; a run saved its config beside it
         saved = Path(pretrained).with_name("open_clip_config.json")
+        if not saved.is_file() and f"{name}-quickgelu" in open_clip.list_models():
+            warn_once(
+                f"--pretrained {pretrained} has no open_clip_config.json beside it, so {name} "
+                f"is built with GELU; if these are OpenAI's weights, use {name}-quickgelu"
+            )
         config = json.loads(saved.read_text()) if saved.is_file() else {}
         return bool(config.get("model_cfg", {}).get("quick_gelu"))
     return bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))

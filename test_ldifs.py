@@ -826,6 +826,21 @@ def test_weights_a_run_saved_keep_quick_gelu_when_fine_tuned_again(tmp_path):
         assert ldifs.needs_quick_gelu("ViT-B-32", str(weights)) is quick_gelu
 
 
+def test_a_weights_file_with_no_config_beside_it_warns_of_quick_gelu(tmp_path, capsys):
+    """It may hold OpenAI's weights (say, downloaded by hand), which --model ViT-B-32 builds
+    with GELU: no tag says QuickGELU, and open_clip says nothing."""
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"")
+    ldifs.warn_once.cache_clear()
+    capsys.readouterr()
+    for model in ("ViT-B-32", "ViT-B-32-quickgelu", "convnext_base"):  # only the first can err
+        assert not ldifs.needs_quick_gelu(model, str(weights))
+    assert capsys.readouterr().err == (
+        f"ldifs.py: warning: --pretrained {weights} has no open_clip_config.json beside it, so "
+        "ViT-B-32 is built with GELU; if these are OpenAI's weights, use ViT-B-32-quickgelu\n"
+    )
+
+
 def test_a_bad_model_or_tag_is_refused_before_any_data_is_fetched(tmp_path, capsys, monkeypatch):
     def fetch_data(*args):
         pytest.fail("data was fetched before the model was checked")
