@@ -713,6 +713,9 @@ def test_path_flags_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
     home = Path.home()
     (home / "w.bin").write_bytes(b"")
     (home / "t.txt").write_text("a photo of a {}.")
+    (home / "m").mkdir()  # a local-dir: folder as a run leaves it
+    for name in ("open_clip_config.json", "open_clip_pytorch_model.bin"):
+        (home / "m" / name).write_text("{}")
     args = ldifs.parse_args(["--task=synthetic", "--out=~/runs/x", "--pretrained=~/w.bin"])
     ldifs.resolve_args(args)
     assert (args.out, args.pretrained) == (home / "runs/x", str(home / "w.bin"))
