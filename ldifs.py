@@ -199,6 +199,7 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
         recorded_taps(classifier.encoder, stage.taps, nhwc) as taps,
         recorded_taps(reference, ref_taps, nhwc) as reference_taps,
         contextlib.closing(log),
+        tf32_matmuls(),
     ):
         for step, (images, labels) in enumerate(loader, start_step):
             images = data.finish(images.to(args.device, non_blocking=True))
@@ -302,6 +303,18 @@ def make_optimizer(params, args):
 def autocast(device):
     """bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slower."""
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+@contextlib.contextmanager
+def tf32_matmuls():
+    """TF32 for the fp32 matmuls that bf16 autocast leaves in training on CUDA. Evaluation
+    stays in full fp32, as the release's did: its torch 2.0 left TF32 matmuls off."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 class TrainLog:
@@ -1847,8 +1860,6 @@ def run(args):
     """Fine-tune on each task in turn (one task: a plain run), then summarise."""
     tasks = resolve_args(args)
     shard = setup_distributed(args)
-    # TF32 for the fp32 matmuls that bf16 autocast leaves on CUDA.
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     check_out(tasks, args)
     data = fetch_data(tasks, shard[0], args)
     torch.manual_seed(args.seed)

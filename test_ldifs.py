@@ -336,6 +336,28 @@ def test_batches_depend_on_step_alone():
     assert min(i for b in full[12:24] for i in b) >= 100  # epoch 1 is encoded as 100 + image
 
 
+def test_tf32_matmuls_are_on_in_training_alone(tmp_path, capsys, monkeypatch):
+    """TF32 speeds up the fp32 matmuls that bf16 autocast leaves in training on CUDA; the
+    probes' and zero-shot features stay in full fp32, as the release's (torch 2.0 leaves TF32
+    matmuls off). The flag is read on the CPU too, so this holds here."""
+    seen = {"train": set(), "eval": set()}
+
+    def spy(original, phase):
+        def recording(*args, **kwargs):
+            seen[phase].add(torch.backends.cuda.matmul.allow_tf32)
+            return original(*args, **kwargs)
+
+        return recording
+
+    monkeypatch.setattr(ldifs, "ldifs_loss", spy(ldifs.ldifs_loss, "train"))
+    monkeypatch.setattr(ldifs, "extract_features", spy(ldifs.extract_features, "eval"))
+    flags = ["--task", "synthetic", "--max-steps", "2", "--warmup", "1", "--workers", "0"]
+    flags += ["--eval-tasks", "synthetic-stripes", "--out", str(tmp_path / "run")]
+    assert run_main(ldifs, flags, capsys)[0] == 0
+    assert seen == {"train": {True}, "eval": {False}}
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
 def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path, capsys):
     """The release's 500 warm-up steps outlast a short run (--max-steps, --epochs 1 on a
     small task): the lr then never reaches --lr, which a user should hear."""
@@ -1909,6 +1931,7 @@ def step_images_per_second(model, batch_size, device, lam=0.0, compiled=False, s
     with (
         ldifs.recorded_taps(classifier.encoder, taps) as recorded,
         ldifs.recorded_taps(reference, taps) as ref_recorded,
+        ldifs.tf32_matmuls(),  # as ldifs.train runs
     ):
         start = ldifs.sync_time(device)
         for step in range(steps):
