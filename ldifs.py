@@ -1610,7 +1610,8 @@ def one_line_errors(prog, after_interrupt=""):
     try:
         yield
     except KeyboardInterrupt:  # files are written atomically: none is half-written
-        print(f"{prog}: interrupted{after_interrupt}", file=sys.stderr)
+        if not other_rank():  # torchrun stops the other ranks so when one fails: its line counts
+            print(f"{prog}: interrupted{after_interrupt}", file=sys.stderr)
         sys.exit(130)
     except torch.OutOfMemoryError as e:
         # --resume refuses another --batch-size: it changes the schedule the checkpoint is on

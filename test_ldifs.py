@@ -785,6 +785,18 @@ def test_ctrl_c_is_one_line_in_both_scripts(capsys, monkeypatch):
         pytest.fail("Ctrl-C escaped main() as a traceback")
 
 
+def test_ranks_other_than_0_end_silently_when_torchrun_stops_them(capsys, monkeypatch):
+    """torchrun sends SIGTERM to every other rank when one fails (say rank 0, on missing
+    data): their "interrupted; --resume continues" would bury rank 0's error."""
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldifs, "run", stopped)
+    monkeypatch.setattr(ldifs, "other_rank", lambda: True)
+    assert run_main(ldifs, ["--task", "synthetic"], capsys)[::2] == (130, "")
+
+
 def test_a_gradient_clip_that_is_not_positive_is_refused(capsys):
     # clip_grad_norm_ with max_norm < 0 scales gradients by a negative factor: ascent
     for value in ("-1", "0"):
