@@ -1718,6 +1718,13 @@ def resolve_args(args):
     names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise UsageError(f"--task {args.task!r} repeats a task; a sequence visits each task once")
+    if (args.model or "").startswith("local-dir:"):  # recorded as it is: open_clip ignores it
+        if args.pretrained not in (None, "none"):
+            raise UsageError(
+                f"--pretrained {args.pretrained}: a local-dir: model loads the weights in its "
+                "folder; leave --pretrained out"
+            )
+        args.pretrained = "none"
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

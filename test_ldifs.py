@@ -1462,9 +1462,13 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
     first = ldifs.weights_key("local-dir:run", "none", 0)
     weights.write_bytes(b"22")
     assert ldifs.weights_key("local-dir:run", "none", 0) != first
-    args = ldifs.parse_args(["--task", "synthetic", "--model", "local-dir:run"])
+    args = ldifs.parse_args(["--task", "eurosat", "--model", "local-dir:run"])
     ldifs.resolve_args(args)
     assert args.model == f"local-dir:{weights.parent}"
+    assert args.pretrained == "none"  # not the recipe's 'openai', which the folder ignores
+    args = ldifs.parse_args(["--model", "local-dir:run", "--pretrained", "laion2b_s34b_b79k"])
+    with pytest.raises(ldifs.UsageError, match="--pretrained laion2b_s34b_b79k: a local-dir: "):
+        ldifs.resolve_args(args)
 
 
 def test_a_local_dir_folder_without_its_config_or_weights_is_refused_up_front(tmp_path, capsys):
@@ -1486,9 +1490,11 @@ def test_a_local_dir_folder_without_its_config_or_weights_is_refused_up_front(tm
     with pytest.raises(ldifs.UsageError, match="no weights file"):  # eval.py's path
         ldifs.load_clip(f"local-dir:{folder}", "none")
     (folder / "open_clip_pytorch_model.bin").write_bytes(b"")
-    (folder / "open_clip_config.json").write_text("{")  # open_clip ignores --pretrained here
-    code, _, err = run_main(ldifs, [*flags, "--pretrained", "openai", "--workers", "0"], capsys)
+    (folder / "open_clip_config.json").write_text("{")
+    code, _, err = run_main(ldifs, [*flags, "--workers", "0"], capsys)
     assert code == 1 and err.count("\n") == 1 and "check its model config" in err, err
+    with pytest.raises(ldifs.UserError, match="check its model config"):  # not the connection
+        ldifs.load_clip(f"local-dir:{folder}", "openai")  # as a run recorded it before 2026-11-28
     assert not (tmp_path / "o").exists()
 
 
