@@ -764,7 +764,7 @@ def load_clip(name, pretrained, device="cpu"):
     """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
     tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
     check_model(name, pretrained)
-    ignored = pretrained == "none" or name.startswith("local-dir:")  # open_clip ignores it there
+    ignored = pretrained == "none" or name.startswith("local-dir:")  # older runs recorded a tag
     tag = None if ignored else pretrained
     # Weights that fail to load are an error: open_clip would go on with random ones, warning.
     required = bool(tag) or name.startswith(("hf-hub:", "local-dir:"))
@@ -1610,7 +1610,7 @@ def one_line_errors(prog, after_interrupt=""):
     try:
         yield
     except KeyboardInterrupt:  # files are written atomically: none is half-written
-        if not other_rank():  # torchrun stops the other ranks so when one fails: its line counts
+        if not other_rank():  # torchrun stops the others when one rank fails: not their line
             print(f"{prog}: interrupted{after_interrupt}", file=sys.stderr)
         sys.exit(130)
     except torch.OutOfMemoryError as e:
@@ -1718,7 +1718,7 @@ def resolve_args(args):
     names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise UsageError(f"--task {args.task!r} repeats a task; a sequence visits each task once")
-    if (args.model or "").startswith("local-dir:"):  # recorded as it is: open_clip ignores it
+    if (args.model or "").startswith("local-dir:"):  # open_clip ignores --pretrained for it
         if args.pretrained not in (None, "none"):
             raise UsageError(
                 f"--pretrained {args.pretrained}: a local-dir: model loads the weights in its "
