@@ -529,6 +529,8 @@ def weights_key(model, pretrained, seed):
     if model.startswith("local-dir:"):  # open_clip loads the folder's files, not `pretrained`
         files = sorted(p for p in Path(model.split(":", 1)[1]).iterdir() if p.is_file())
         return {"model": model, "files": files_digest(files)}
+    if model.startswith("hf-hub:"):  # the repo's weights, not `pretrained`
+        return {"model": model}
     if pretrained == "none":
         return {"model": model, "pretrained": pretrained, "seed": seed}
     if os.path.isfile(pretrained):
@@ -745,6 +747,9 @@ def register_tiny_clip():
             open_clip.add_model_config(path)
 
 
+OWN_WEIGHTS = ("hf-hub:", "local-dir:")  # models whose weights come with them
+
+
 def needs_quick_gelu(name, pretrained):
     # OpenAI weights were trained with QuickGELU; building them with GELU loses accuracy
     # silently (open_clip only warns "QuickGELU mismatch", and for a file not at all).
@@ -764,10 +769,10 @@ def load_clip(name, pretrained, device="cpu"):
     """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
     tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
     check_model(name, pretrained)
-    ignored = pretrained == "none" or name.startswith("local-dir:")  # older runs recorded a tag
+    ignored = pretrained == "none" or name.startswith(OWN_WEIGHTS)  # older runs recorded a tag
     tag = None if ignored else pretrained
     # Weights that fail to load are an error: open_clip would go on with random ones, warning.
-    required = bool(tag) or name.startswith(("hf-hub:", "local-dir:"))
+    required = bool(tag) or name.startswith(OWN_WEIGHTS)
     try:
         quick_gelu = needs_quick_gelu(name, tag)
         return open_clip.create_model_and_transforms(
@@ -1718,11 +1723,11 @@ def resolve_args(args):
     names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise UsageError(f"--task {args.task!r} repeats a task; a sequence visits each task once")
-    if (args.model or "").startswith("local-dir:"):  # open_clip ignores --pretrained for it
+    if (args.model or "").startswith(OWN_WEIGHTS):  # open_clip ignores --pretrained for them
         if args.pretrained not in (None, "none"):
             raise UsageError(
-                f"--pretrained {args.pretrained}: a local-dir: model loads the weights in its "
-                "folder; leave --pretrained out"
+                f"--pretrained {args.pretrained}: an hf-hub: or local-dir: model loads its own "
+                "weights; leave --pretrained out"
             )
         args.pretrained = "none"
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():

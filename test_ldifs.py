@@ -1467,8 +1467,18 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
     assert args.model == f"local-dir:{weights.parent}"
     assert args.pretrained == "none"  # not the recipe's 'openai', which the folder ignores
     args = ldifs.parse_args(["--model", "local-dir:run", "--pretrained", "laion2b_s34b_b79k"])
-    with pytest.raises(ldifs.UsageError, match="--pretrained laion2b_s34b_b79k: a local-dir: "):
+    with pytest.raises(ldifs.UsageError, match="--pretrained laion2b_s34b_b79k: an hf-hub: or "):
         ldifs.resolve_args(args)
+
+
+def test_an_hf_hub_model_records_no_tag_and_is_keyed_by_its_name(monkeypatch):
+    """open_clip loads an hf-hub: repo's own weights and ignores --pretrained: a run must not
+    record the recipe's 'openai', nor the seed tell two runs from one repo apart."""
+    args = ldifs.parse_args(["--task", "eurosat", "--model", "hf-hub:org/repo"])
+    ldifs.resolve_args(args)
+    assert args.pretrained == "none"
+    key = ldifs.weights_key("hf-hub:org/repo", "none", 0)
+    assert key == ldifs.weights_key("hf-hub:org/repo", "openai", 1) == {"model": "hf-hub:org/repo"}
 
 
 def test_a_local_dir_folder_without_its_config_or_weights_is_refused_up_front(tmp_path, capsys):
