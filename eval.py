@@ -260,8 +260,7 @@ def evaluate(args):
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)
     weights = ldifs.weights_key(model, pretrained, seed)
     baseline = probe_row(clip.visual.eval(), tasks, transform, args, weights)
-    name = f"pre-trained {model} ({'/'.join(Path(pretrained).parts[-2:])})"
-    rows = [{"label": name, "target_accuracy": None, "a_lp": baseline}]
+    rows = [{"label": baseline_label(model, pretrained), "target_accuracy": None, "a_lp": baseline}]
     for run in runs:
         rows += rows_for_run(run, clip.visual, transform, tasks, alphas, baseline, args)
     add_deltas(rows, baseline)
@@ -272,6 +271,14 @@ def evaluate(args):
         results = {"model": model, "pretrained": pretrained, "tasks": tasks, "rows": rows}
         ldifs.write_json(results, args.json)
     return rows
+
+
+def baseline_label(model, pretrained):
+    """The pre-trained row's label: the model, and its weights unless they come with it (a
+    tag that older runs recorded for those names nothing)."""
+    if model.startswith(ldifs.OWN_WEIGHTS):
+        return f"pre-trained {model}"
+    return f"pre-trained {model} ({'/'.join(Path(pretrained).parts[-2:])})"
 
 
 def pyplot():

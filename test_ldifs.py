@@ -588,6 +588,19 @@ def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretraine
     assert evaluation.check_same_start(runs) == (model, "none", None)
 
 
+def test_eval_names_a_local_dir_baseline_by_its_folder_alone(two_runs, tmp_path, capsys):
+    """Its weights are the folder's: '(openai)', which runs once recorded, or '(none)', which
+    reads as random weights, would both misname them."""
+    root, _ = two_runs
+    start = f"local-dir:{root / 'lam0'}"
+    for i, pretrained in enumerate(("openai", "none")):
+        run = copy_run(root / "lam10", tmp_path / f"run{i}", model=start, pretrained=pretrained)
+        args = [str(run), "--workers", "0", "--tasks", "synthetic-stripes"]
+        code, table, err = run_main(evaluation, args, capsys)
+        assert code == 0, err
+        assert f"| pre-trained {start} |" in table, table
+
+
 def test_eval_says_when_the_weights_a_run_started_from_are_gone(two_runs, tmp_path, capsys):
     """A run from a weights file or a local-dir: folder that has since moved: say which, not
     a --pretrained error (eval.py has no such flag) or a bare errno."""
