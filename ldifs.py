@@ -769,10 +769,10 @@ def load_clip(name, pretrained, device="cpu"):
     """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
     tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
     check_model(name, pretrained)
-    ignored = pretrained == "none" or name.startswith(OWN_WEIGHTS)  # older runs recorded a tag
-    tag = None if ignored else pretrained
+    own_weights = name.startswith(OWN_WEIGHTS)  # open_clip ignores a tag, as older runs recorded
+    tag = None if pretrained == "none" or own_weights else pretrained
     # Weights that fail to load are an error: open_clip would go on with random ones, warning.
-    required = bool(tag) or name.startswith(OWN_WEIGHTS)
+    required = bool(tag) or own_weights
     try:
         quick_gelu = needs_quick_gelu(name, tag)
         return open_clip.create_model_and_transforms(
@@ -796,17 +796,18 @@ def check_model(name, pretrained):
         return check_local_dir(name)
     if name.startswith("hf-hub:"):
         return
-    if open_clip.get_model_config(name) is None:
+    config = open_clip.get_model_config(name)
+    if config is None:
         raise UsageError(
             f"unknown model {name!r}; pick one of open_clip.list_models(), e.g. ViT-B-32"
         )
-    text = open_clip.get_model_config(name).get("text_cfg", {})
+    text = config.get("text_cfg", {})
     hugging_face = text.get("hf_model_name") or text.get("hf_tokenizer_name")
     if hugging_face and not importlib.util.find_spec("transformers"):  # SigLIP's tokenizer, say
-        needs = (
-            f"{name}'s text side comes from Hugging Face ({hugging_face}) and needs transformers"
+        raise UserError(
+            f"{name}'s text side comes from Hugging Face ({hugging_face}) and needs "
+            "transformers: pip install transformers"
         )
-        raise UserError(f"{needs}: pip install transformers")
     tag = None if pretrained == "none" else pretrained
     if tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
