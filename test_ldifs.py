@@ -77,7 +77,11 @@ def strict_json(text):
 
 
 def read_log(stage):
-    return [strict_json(line) for line in (stage.out / "log.jsonl").read_text().splitlines()]
+    return read_log_at(stage.out)
+
+
+def read_log_at(out):
+    return [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------ the regulariser
@@ -444,7 +448,7 @@ def test_cli_writes_outputs_that_open_clip_loads(two_runs):
         assert key in metrics
     assert metrics["steps"] == 12 and 0 <= metrics["test_accuracy"] <= 1
     assert metrics["train_images_per_second"] > 0
-    log = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log_at(out)
     assert log[-1]["step"] == 12 and {"loss/ce", "loss/ldifs"} <= set(log[0])
     loaded = open_clip.create_model(f"local-dir:{out}")
     ldifs.register_tiny_clip()
@@ -1902,31 +1906,18 @@ def test_non_finite_weights_after_a_finite_loss_never_reach_a_checkpoint(tmp_pat
 TORCHRUN_2 = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
+SIX_LOGGED_STEPS = [
+    *("--task", "synthetic", "--head", "zs", "--max-steps", "6", "--log-every", "1"),
+    *("--batch-size", "16", "--eval-tasks", "none", "--workers", "0"),
+]
+
+
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    flags = [
-        "--task",
-        "synthetic",
-        "--head",
-        "zs",
-        "--max-steps",
-        "6",
-        "--log-every",
-        "1",
-        "--batch-size",
-        "16",
-        "--eval-tasks",
-        "none",
-        "--workers",
-        "0",
-    ]
-    single = run_cli(*flags, "--out", str(tmp_path / "one"))
+    single = run_cli(*SIX_LOGGED_STEPS, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    ddp = run_cli(*flags, "--out", str(tmp_path / "two"), launcher=TORCHRUN_2)
+    ddp = run_cli(*SIX_LOGGED_STEPS, "--out", str(tmp_path / "two"), launcher=TORCHRUN_2)
     assert ddp.returncode == 0, ddp.stderr
-    one, two = (
-        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-        for d in ("one", "two")
-    )
+    one, two = (read_log_at(tmp_path / d) for d in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
     for key in ("loss/ce", "loss/ldifs"):
         assert torch.allclose(
@@ -2174,6 +2165,38 @@ def test_cuda_kill_and_resume_ends_near_an_unbroken_run(tmp_path):
     )
     difference = sum((a[k].float() - b[k].float()).norm() ** 2 for k in a) ** 0.5
     assert difference / sum(a[k].float().norm() ** 2 for k in a) ** 0.5 < 1e-3
+
+
+TORCHRUN_1 = [*TORCHRUN_2[:-1], "1"]
+
+
+@cuda
+def test_cuda_torchrun_joins_over_nccl_and_logs_as_a_plain_run_does(tmp_path, monkeypatch):
+    """One GPU allows one NCCL rank (NCCL refuses two on a GPU): it still runs the log's
+    all_reduce and the data broadcast over NCCL, which take CUDA tensors, not gloo's CPU ones."""
+    monkeypatch.setenv("NCCL_DEBUG", "VERSION")  # NCCL names itself when it first starts
+    flags = [*SIX_LOGGED_STEPS, "--device", "cuda"]
+    plain = run_cli(*flags, "--out", str(tmp_path / "plain"))
+    nccl = run_cli(*flags, "--out", str(tmp_path / "nccl"), launcher=TORCHRUN_1)
+    assert plain.returncode == 0, plain.stderr
+    assert nccl.returncode == 0, nccl.stderr
+    assert "NCCL version" in nccl.stdout + nccl.stderr
+    assert "NCCL version" not in plain.stdout + plain.stderr
+    one, other = (read_log_at(tmp_path / d) for d in ("plain", "nccl"))
+    assert [r["step"] for r in one] == [r["step"] for r in other] == list(range(1, 7))
+    for key in ("loss/ce", "ldifs_distance"):
+        assert [r[key] for r in other] == pytest.approx([r[key] for r in one], rel=1e-3), key
+    assert json.loads((tmp_path / "nccl/metrics.json").read_text())["world_size"] == 1
+
+
+@cuda
+def test_cuda_missing_data_under_torchrun_is_broadcast_over_nccl_as_one_line(tmp_path):
+    flags = ["--task", "eurosat", "--no-download", "--data-root", str(tmp_path / "empty")]
+    nccl = run_cli(*flags, "--device", "cuda", "--out", str(tmp_path / "run"), launcher=TORCHRUN_1)
+    assert nccl.returncode != 0
+    message = f"ldifs.py: error: task 'eurosat': no data at {tmp_path / 'empty' / 'eurosat'}"
+    assert nccl.stderr.count(message) == 1, nccl.stderr
+    assert "Traceback" not in nccl.stderr, nccl.stderr
 
 
 # ------------------------------------------------------------------ continual fine-tuning and L2-SP
