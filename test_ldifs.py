@@ -2196,7 +2196,7 @@ def test_cuda_missing_data_under_torchrun_is_broadcast_over_nccl_as_one_line(tmp
     assert nccl.returncode != 0
     message = f"ldifs.py: error: task 'eurosat': no data at {tmp_path / 'empty' / 'eurosat'}"
     assert nccl.stderr.count(message) == 1, nccl.stderr
-    assert "Traceback" not in nccl.stderr, nccl.stderr
+    assert 'ldifs.py", line' not in nccl.stderr, nccl.stderr  # torchrun's own summary follows
 
 
 # ------------------------------------------------------------------ continual fine-tuning and L2-SP
