@@ -1959,6 +1959,7 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
     original pre-trained encoder."""
     test = extract_features(classifier.encoder, Transformed(test_data, transform), args)
     metrics["test_accuracy"] = probe_accuracy(classifier.head, *test)
+    write_json(metrics, stage.out / "metrics.json")  # kept if killed in the long part below
     rate = metrics["train_images_per_second"]
     shown = "-" if rate is None else f"{rate:.1f}"
     print(

@@ -1683,6 +1683,24 @@ def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, ca
     assert f"({measured['train_images_per_second']:.1f} images/s)" in out
 
 
+def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
+    tmp_path, capsys, monkeypatch
+):
+    """The forgetting evaluation reads every other task, which can take longer than the
+    training: the target accuracy measured before it is written first."""
+    flags = [*RESUME_FLAGS[:-1], "synthetic-stripes", "--workers", "0", "--out", str(tmp_path)]
+
+    def killed_while_evaluating(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldifs, "evaluate_forgetting", killed_while_evaluating)
+    code, out, _ = run_main(ldifs, flags, capsys)
+    assert code == 130
+    metrics = strict_json((tmp_path / "metrics.json").read_text())
+    assert f"test accuracy {metrics['test_accuracy']:.4f} after 16 steps" in out
+    assert "forgetting" not in metrics
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
     path = tmp_path / "checkpoint.pt"
