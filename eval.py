@@ -42,9 +42,20 @@ def parse_args(argv=None):
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     args = p.parse_args(argv)
     problems = ldifs.out_of_range(args, ["eval_batch_size"], ["workers"])  # as ldifs.py checks
+    problems += named_twice(args.runs)
     if problems:
         p.error("; ".join(problems))
     return args
+
+
+def named_twice(runs):
+    """A run named again, under any spelling of its path, would be evaluated and tabled again."""
+    seen = {}
+    for run in runs:
+        if run.resolve() in seen:
+            return [f"{run} is {seen[run.resolve()]} again; name each run once"]
+        seen[run.resolve()] = run
+    return []
 
 
 def mixing_weights(text):

@@ -670,6 +670,7 @@ def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
         (["--plot", str(tmp_path)], f"--plot {tmp_path} is a folder; name a file"),
         (["--eval-batch-size", "0"], "--eval-batch-size must be positive, got 0"),
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
+        ([f"{run}/../lam0"], f"{run}/../lam0 is {run} again; name each run once"),
     ]:
         (tmp_path / "file").write_text("")
         code, out, err = run_main(evaluation, [run, *flags], capsys)
