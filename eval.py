@@ -42,20 +42,9 @@ def parse_args(argv=None):
     add("--eval-batch-size", type=int, default=256, help="batch size for feature extraction")
     args = p.parse_args(argv)
     problems = ldifs.out_of_range(args, ["eval_batch_size"], ["workers"])  # as ldifs.py checks
-    problems += named_twice(args.runs)
     if problems:
         p.error("; ".join(problems))
     return args
-
-
-def named_twice(runs):
-    """A run named again, under any spelling of its path, would be evaluated and tabled again."""
-    seen = {}
-    for run in runs:
-        if run.resolve() in seen:
-            return [f"{run} is {seen[run.resolve()]} again; name each run once"]
-        seen[run.resolve()] = run
-    return []
 
 
 def mixing_weights(text):
@@ -87,6 +76,17 @@ def load_run(path):
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
     return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
+
+
+def check_named_once(paths, runs):
+    """A run named twice, under any spelling of its path or as a continual run's folder and
+    its last stage's, would be evaluated and tabled twice."""
+    seen = {}
+    for path, run in zip(paths, runs, strict=True):
+        key = run["path"].resolve()
+        if key in seen:
+            raise ldifs.UsageError(f"{path} is {seen[key]} again; name each run once")
+        seen[key] = path
 
 
 def start_weights(path, metrics, load):
@@ -252,6 +252,7 @@ def markdown(rows, tasks):
 
 def evaluate(args):
     runs = [load_run(path) for path in args.runs]
+    check_named_once(args.runs, runs)
     model, pretrained, seed = check_same_start(runs)
     alphas = args.wise_ft
     for flag, path in [("--json", args.json), ("--plot", args.plot)]:  # fail now, not after

@@ -2589,6 +2589,9 @@ def test_folder_tasks_in_a_sequence_and_in_eval_py(tmp_path, capsys):
     )
     assert code == 0, err
     assert f"A_LP folder:{c}" in table and "continual" in table
+    last = out / ldifs.stage_folder(1, f"folder:{b}")  # what the sequence's folder stands for
+    code, _, err = run_main(evaluation, [str(out), str(last), "--tasks", "none"], capsys)
+    assert code == 2 and f"{last} is {out} again; name each run once" in err, err
 
 
 def test_undecodable_image_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
