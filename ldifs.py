@@ -1754,8 +1754,9 @@ def default_out(names, args):
 
 
 def parse_eval_tasks(value):
-    """The eval tasks named in `value` ('a,b' or 'none')."""
-    return [] if value == "none" else [get_task(name).name for name in value.split(",") if name]
+    """The eval tasks named in `value` ('a,b' or 'none'), each once."""
+    names = [] if value == "none" else [get_task(name).name for name in value.split(",") if name]
+    return list(dict.fromkeys(names))
 
 
 def read_templates(path):

@@ -767,6 +767,14 @@ def test_path_flags_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
     assert (args.runs, args.json, args.plot) == ([home / "runs/x"], home / "e.json", home / "e.png")
 
 
+def test_eval_tasks_named_twice_are_measured_once():
+    args = ldifs.parse_args(
+        ["--task=synthetic", "--eval-tasks=synthetic-stripes,mnist,synthetic-stripes"]
+    )
+    ldifs.resolve_args(args)
+    assert args.eval_tasks == ["synthetic-stripes", "mnist"]
+
+
 @pytest.mark.parametrize("module", [ldifs, evaluation])
 def test_a_device_this_machine_lacks_is_one_line(capsys, module, tmp_path):
     missing_gpu = f"cuda:{torch.cuda.device_count()}"
