@@ -1731,6 +1731,7 @@ def resolve_args(args):
                 "weights; leave --pretrained out"
             )
         args.pretrained = "none"
+    typed_eval_tasks = args.eval_tasks  # None unless typed: the recipe fills it in below
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -1739,7 +1740,13 @@ def resolve_args(args):
         args.pretrained = os.path.abspath(weights_file)
     if args.model.startswith("local-dir:"):  # the same for a folder of weights
         args.model = "local-dir:" + os.path.abspath(user_path(args.model.split(":", 1)[1]))
-    args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
+    named = parse_eval_tasks(args.eval_tasks)
+    args.eval_tasks = [n for n in named if n not in names]
+    if typed_eval_tasks and named and not args.eval_tasks:
+        warn_once(
+            f"--eval-tasks {typed_eval_tasks} names only tasks trained on, whose test accuracy "
+            "is reported anyway: forgetting is not measured"
+        )
     args.out = args.out or default_out(names, args)
     check_args(args)
     return tasks

@@ -767,6 +767,25 @@ def test_path_flags_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
     assert (args.runs, args.json, args.plot) == ([home / "runs/x"], home / "e.json", home / "e.png")
 
 
+def test_eval_tasks_that_name_only_the_trained_tasks_warn_that_nothing_is_left(capsys):
+    warning = "ldifs.py: warning: --eval-tasks synthetic names only tasks trained on"
+    for flags, warned, left in [
+        (["--task=synthetic", "--eval-tasks=synthetic"], True, []),
+        (
+            ["--task=synthetic", "--eval-tasks=synthetic,synthetic-stripes"],
+            False,
+            ["synthetic-stripes"],
+        ),
+        (["--task=synthetic,synthetic-stripes"], False, []),  # the recipe's eval tasks
+        (["--task=synthetic", "--eval-tasks=none"], False, []),
+        (["--task=synthetic", "--eval-tasks="], False, []),
+    ]:
+        args = ldifs.parse_args(flags)
+        ldifs.resolve_args(args)
+        assert (warning in capsys.readouterr().err) == warned, flags
+        assert args.eval_tasks == left, flags
+
+
 def test_eval_tasks_named_twice_are_measured_once():
     args = ldifs.parse_args(
         ["--task=synthetic", "--eval-tasks=synthetic-stripes,mnist,synthetic-stripes"]
