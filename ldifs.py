@@ -1929,7 +1929,7 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     (train_images, test_data), (train_transform, eval_transform) = data, transforms
     resume = args.resume and (stage.out / "checkpoint.pt").exists()
     checkpoint = load_checkpoint(stage, args) if resume else None  # it checks the flags
-    if args.resume and "test_accuracy" in read_metrics(stage.out):  # finished, kept or not
+    if args.resume and finished(read_metrics(stage.out)):  # checkpoint kept or not
         return load_finished_stage(clip, stage, args)
     stage.out.mkdir(parents=True, exist_ok=True)
     classnames = class_names(stage.task, args.data_root)
@@ -1954,6 +1954,12 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
         save_outputs(clip, classifier, classnames, init_head, metrics, stage, args)  # nothing lost
         report(clip, classifier, pretrained, test_data, eval_transform, metrics, stage, args)
     return head
+
+
+def finished(metrics):
+    """Whether a stage's metrics.json is a finished stage's: a stage killed while measuring
+    forgetting has its test accuracy but no forgetting table yet."""
+    return "test_accuracy" in metrics and ("forgetting" in metrics or not metrics.get("eval_tasks"))
 
 
 def measured_before(out):

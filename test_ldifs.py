@@ -1727,6 +1727,11 @@ def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
     metrics = strict_json((tmp_path / "metrics.json").read_text())
     assert f"test accuracy {metrics['test_accuracy']:.4f} after 16 steps" in out
     assert "forgetting" not in metrics
+    monkeypatch.undo()
+    code, out, err = run_main(ldifs, [*flags, "--resume"], capsys)
+    assert code == 0, err
+    assert "already finished" not in out and "Concept forgetting" in out
+    assert "synthetic-stripes" in strict_json((tmp_path / "metrics.json").read_text())["forgetting"]
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
