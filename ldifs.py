@@ -1608,16 +1608,16 @@ class DataMissing(UserError):
 
 
 @contextlib.contextmanager
-def one_line_errors(prog, after_interrupt=""):
+def one_line_errors(prog, after_interrupt=lambda: ""):
     """End the program on a UserError, an OSError such as a full disk or an unwritable --out,
     or running out of GPU memory, with one line and no traceback: exit 2 for bad usage, else 1;
-    on Ctrl-C (or SIGTERM, which ldifs.py's main turns into one), 130, with `after_interrupt`
-    said after "interrupted"."""
+    on Ctrl-C (or SIGTERM, which ldifs.py's main turns into one), 130, with what
+    `after_interrupt()` returns said after "interrupted"."""
     try:
         yield
     except KeyboardInterrupt:  # files are written atomically: none is half-written
         if not other_rank():  # torchrun stops the others when one rank fails: not their line
-            print(f"{prog}: interrupted{after_interrupt}", file=sys.stderr)
+            print(f"{prog}: interrupted{after_interrupt()}", file=sys.stderr)
         sys.exit(130)
     except torch.OutOfMemoryError as e:
         # --resume refuses another --batch-size: it changes the schedule the checkpoint is on
@@ -2012,11 +2012,18 @@ def main(argv=None):
     if args.list_tasks:
         return list_tasks(args.data_root)
     try:
-        with one_line_errors("ldifs.py", "; --resume continues from the last checkpoint"):
+        with one_line_errors("ldifs.py", lambda: what_resumes(args.out)):
             run(args)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def what_resumes(out):
+    """What Ctrl-C says comes next: --resume refuses an --out with no checkpoint yet."""
+    if out and run_files_in(out):
+        return "; --resume continues from the last checkpoint"
+    return " before the first checkpoint; run the same command to start again"
 
 
 if __name__ == "__main__":

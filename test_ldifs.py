@@ -815,6 +815,24 @@ def test_unwritable_out_is_one_line(capsys):
     assert code == 1 and err.count("\n") == 1 and "/proc/ldifs-out" in err, err
 
 
+BEFORE_A_CHECKPOINT = " before the first checkpoint; run the same command to start again"
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_send_the_user_to_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """--resume refuses an --out with no checkpoint: Ctrl-C must not point to it then."""
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldifs, "initial_head", interrupted)  # the LP-init fit, before step 1
+    flags = ["--task", "synthetic", "--workers", "0", "--out", str(tmp_path / "run")]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 130 and err == f"ldifs.py: interrupted{BEFORE_A_CHECKPOINT}\n", err
+    assert not ldifs.run_files_in(tmp_path / "run")
+
+
 def test_ctrl_c_is_one_line_in_both_scripts(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -823,7 +841,7 @@ def test_ctrl_c_is_one_line_in_both_scripts(capsys, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", interrupted)
     try:
         code, _, err = run_main(ldifs, ["--task", "synthetic"], capsys)
-        assert code == 130 and err.count("\n") == 1 and "--resume" in err
+        assert code == 130 and err == f"ldifs.py: interrupted{BEFORE_A_CHECKPOINT}\n"
         code, _, err = run_main(evaluation, ["runs/any"], capsys)
         assert code == 130 and err == "eval.py: interrupted\n"
     except KeyboardInterrupt:
