@@ -2644,6 +2644,19 @@ def test_folder_tasks_in_a_sequence_and_in_eval_py(tmp_path, capsys):
     assert code == 2 and f"{last} is {out} again; name each run once" in err, err
 
 
+def test_data_loading_workers_started_by_spawn_as_on_macos(tmp_path):
+    """macOS and Windows start DataLoader workers by spawn, and Python 3.14 by forkserver on
+    Linux: then every dataset goes to the workers pickled, and a lambda in one fails."""
+    root = make_folder(tmp_path / "d", counts={"train": 16, "test": 2})
+    flags = [f"folder:{root}", "--head", "zs", "--eval-tasks", "none", "--max-steps", "2"]
+    flags += [*FOLDER_FLAGS[:-2], "--workers", "1", "--out", str(tmp_path / "run")]
+    spawn = "import multiprocessing as m, sys, ldifs; m.set_start_method('spawn'); "
+    spawn += "ldifs.main(sys.argv[2:])"  # argv[1] is ldifs.py's path
+    result = run_cli("--task", *flags, launcher=("-c", spawn))
+    assert result.returncode == 0, result.stderr
+    assert strict_json((tmp_path / "run/metrics.json").read_text())["steps"] == 2
+
+
 def test_undecodable_image_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 30, "test": 2})
     out = tmp_path / "out"
