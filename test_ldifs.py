@@ -394,6 +394,11 @@ def run_main(module, argv, capsys):
     return code, out, err
 
 
+def ctrl_c(*_args):
+    """Stands in for a step that the user stops with Ctrl-C (or SIGTERM)."""
+    raise KeyboardInterrupt
+
+
 def run_cli(*flags, script="ldifs.py", launcher=()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
@@ -823,10 +828,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_send_the_user_to_resume(
 ):
     """--resume refuses an --out with no checkpoint: Ctrl-C must not point to it then."""
 
-    def interrupted(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ldifs, "initial_head", interrupted)  # the LP-init fit, before step 1
+    monkeypatch.setattr(ldifs, "initial_head", ctrl_c)  # the LP-init fit, before step 1
     flags = ["--task", "synthetic", "--workers", "0", "--out", str(tmp_path / "run")]
     code, _, err = run_main(ldifs, flags, capsys)
     assert code == 130 and err == f"ldifs.py: interrupted{BEFORE_A_CHECKPOINT}\n", err
@@ -834,11 +836,8 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_send_the_user_to_resume(
 
 
 def test_ctrl_c_is_one_line_in_both_scripts(capsys, monkeypatch):
-    def interrupted(args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ldifs, "run", interrupted)
-    monkeypatch.setattr(evaluation, "evaluate", interrupted)
+    monkeypatch.setattr(ldifs, "run", ctrl_c)
+    monkeypatch.setattr(evaluation, "evaluate", ctrl_c)
     try:
         code, _, err = run_main(ldifs, ["--task", "synthetic"], capsys)
         assert code == 130 and err == f"ldifs.py: interrupted{BEFORE_A_CHECKPOINT}\n"
@@ -852,10 +851,7 @@ def test_ranks_other_than_0_end_silently_when_torchrun_stops_them(capsys, monkey
     """torchrun sends SIGTERM to every other rank when one fails (say rank 0, on missing
     data): their "interrupted; --resume continues" would bury rank 0's error."""
 
-    def stopped(args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ldifs, "run", stopped)
+    monkeypatch.setattr(ldifs, "run", ctrl_c)
     monkeypatch.setattr(ldifs, "other_rank", lambda: True)
     assert run_main(ldifs, ["--task", "synthetic"], capsys)[::2] == (130, "")
 
@@ -1712,10 +1708,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, to_the_group):
 def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
     flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
 
-    def killed_while_evaluating(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ldifs, "report", killed_while_evaluating)
+    monkeypatch.setattr(ldifs, "report", ctrl_c)
     assert run_main(ldifs, flags, capsys)[0] == 130
     measured = strict_json((tmp_path / "metrics.json").read_text())
     assert measured["train_images_per_second"] > 0 and measured["train_seconds"] > 0
@@ -1736,10 +1729,7 @@ def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
     training: the target accuracy measured before it is written first."""
     flags = [*RESUME_FLAGS[:-1], "synthetic-stripes", "--workers", "0", "--out", str(tmp_path)]
 
-    def killed_while_evaluating(*args):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ldifs, "evaluate_forgetting", killed_while_evaluating)
+    monkeypatch.setattr(ldifs, "evaluate_forgetting", ctrl_c)
     code, out, _ = run_main(ldifs, flags, capsys)
     assert code == 130
     metrics = strict_json((tmp_path / "metrics.json").read_text())
