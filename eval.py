@@ -32,7 +32,7 @@ def parse_args(argv=None):
     add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
     add("--wise-ft", type=mixing_weights, default="", help="WiSE-FT weights alpha, e.g. 0.25,0.5")
     add("--json", type=ldifs.user_path, help="also write the results here")
-    add("--plot", type=ldifs.user_path, help="also plot target accuracy against forgetting, PNG")
+    add("--plot", type=ldifs.user_path, help="also plot accuracy against forgetting: PNG, PDF...")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
     add("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
     add("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")
@@ -261,7 +261,7 @@ def evaluate(args):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
-        pyplot()
+        check_plot_format(args.plot)
         alphas = sorted(set(alphas) | {0.0})
     check_target_data(runs, args)
     tasks = eval_tasks(runs, args)
@@ -303,6 +303,21 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def check_plot_format(path):
+    """--plot FILE is written in the format its suffix names (PNG without one): one matplotlib
+    cannot write would fail after the whole evaluation."""
+    pyplot()  # matplotlib is optional: say so first
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix[1:].lower()
+    if suffix and suffix not in formats:
+        raise ldifs.UsageError(
+            f"--plot {path}: matplotlib cannot write .{suffix} files; "
+            f"use one of {', '.join(sorted(formats))}"
+        )
 
 
 def plot(rows, path, x_key):

@@ -2897,6 +2897,16 @@ def test_plot_without_matplotlib_is_one_line(two_runs, tmp_path, capsys, monkeyp
     assert not (tmp_path / "p.png").exists()
 
 
+def test_a_plot_format_matplotlib_cannot_write_is_one_line_before_any_evaluation(
+    two_runs, tmp_path, capsys
+):
+    pytest.importorskip("matplotlib")
+    run, plot = str(two_runs[0] / "lam0"), tmp_path / "p.txt"
+    code, out, err = run_main(evaluation, [run, "--tasks", "none", "--plot", str(plot)], capsys)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert f"--plot {plot}: matplotlib cannot write .txt files; use one of" in err and "png" in err
+
+
 def test_plot_without_eval_tasks_is_one_line(two_runs, tmp_path, capsys, monkeypatch):
     """Forgetting, the plot's x axis, is an average over the eval tasks: with none (all
     missing, or --tasks none) there is nothing to draw."""
