@@ -62,9 +62,7 @@ def load_run(path):
     """A run's metrics, CLIP weights and head, or a UsageError if `path` is not a run. A
     continual run's folder stands for its last stage."""
     if not (path / "metrics.json").is_file():
-        unfinished = "an unfinished run: finish it with ldifs.py --resume"
-        what = unfinished if ldifs.run_files_in(path) else "not a run directory of ldifs.py"
-        raise ldifs.UsageError(f"{path} is {what} (no metrics.json)")
+        raise ldifs.UsageError(not_a_run(path))
     summary = ldifs.read_metrics(path)
     if "accuracy_matrix" in summary:
         path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])
@@ -76,6 +74,17 @@ def load_run(path):
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
     return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
+
+
+def not_a_run(path):
+    """Why `path`, which has no metrics.json, is no run: a run killed before it finished (its
+    checkpoint, or its stages' folders, named k-task), the folder that holds runs, or neither."""
+    files = ldifs.run_files_in(path)
+    if any(p.parent == path or p.parent.name.partition("-")[0].isdigit() for p in files):
+        return f"{path} is an unfinished run: finish it with ldifs.py --resume (no metrics.json)"
+    if files:
+        return f"{path} holds runs but is none; name them, e.g. {min(files).parent}"
+    return f"{path} is not a run directory of ldifs.py (no metrics.json)"
 
 
 def check_named_once(paths, runs):

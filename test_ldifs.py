@@ -563,6 +563,14 @@ def test_eval_tells_an_unfinished_run_from_a_folder_that_is_no_run(tmp_path, cap
     assert code == 2 and "is an unfinished run: finish it with ldifs.py --resume" in err
 
 
+def test_eval_of_the_folder_that_holds_the_runs_names_one_of_them(two_runs, capsys):
+    """`python eval.py runs` names the folder ldifs.py writes its runs into, not a run."""
+    root = two_runs[0]
+    code, _, err = run_main(evaluation, [str(root)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{root} holds runs but is none; name them, e.g. {root / 'lam0'}" in err
+
+
 def copy_run(run, to, **metrics):
     """A copy of the run in `to`, with `metrics` changed in its metrics.json."""
     to.mkdir(exist_ok=True)
