@@ -1879,6 +1879,16 @@ def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path,
     assert code == 2 and "holds another run" in err and not (out / "head.pt").exists(), err
 
 
+def test_resuming_a_finished_one_task_run_points_to_eval_py_for_more_eval_tasks(two_runs, capsys):
+    """Its --eval-tasks are for a run that is yet to finish: nothing is left to run."""
+    out = two_runs[0] / "lam0"
+    flags = ["--task", "synthetic", "--lam", "0", "--max-steps", "12", "--workers", "0"]
+    flags += ["--out", str(out), "--resume", "--eval-tasks", "mnist"]
+    code, printed, err = run_main(ldifs, flags, capsys)
+    assert code == 0 and f"already finished in {out}; loaded it" in printed, err
+    assert f"python eval.py {out} --tasks a,b measures it on other eval tasks" in printed
+
+
 def test_resume_may_extend_a_finished_sequence_but_not_change_it(tmp_path):
     """A continual --resume may add tasks after a finished sequence (its summary is then
     rewritten with more rows), never drop or reorder them."""
