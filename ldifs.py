@@ -661,6 +661,7 @@ def summarise_sequence(tasks, matrix, args):
     summary.update(
         backward_transfer=transfer, lam=args.lam, l2sp=args.l2sp, reference=args.reference
     )
+    write_json(summary, args.out / "metrics.json")  # before printing: stdout may be closed
     rows = [
         [f"{k}: {names[k]}", *(f"{100 * a:.1f}" for a in row), *[""] * (len(names) - len(row))]
         for k, row in enumerate(matrix)
@@ -671,7 +672,6 @@ def summarise_sequence(tasks, matrix, args):
         f"\naverage accuracy {100 * summary['average_accuracy']:.1f}, "
         f"backward transfer {100 * transfer:+.1f}"
     )
-    write_json(summary, args.out / "metrics.json")
     return summary
 
 
@@ -1983,16 +1983,17 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
         f"{stage.task.name}: test accuracy {metrics['test_accuracy']:.4f} after "
         f"{metrics['steps']} steps ({shown} images/s); outputs in {stage.out}"
     )
-    if args.eval_tasks:
-        metrics["forgetting"] = evaluate_forgetting(
-            pretrained, classifier.encoder, clip, transform, args
-        )
-        print(
-            f"\nConcept forgetting after fine-tuning on {stage.task.name} (lam {args.lam:g}), "
-            "accuracy in %:\n"
-        )
-        print(forgetting_table(metrics["forgetting"]))
-    write_json(metrics, stage.out / "metrics.json")
+    if not args.eval_tasks:
+        return
+    metrics["forgetting"] = evaluate_forgetting(
+        pretrained, classifier.encoder, clip, transform, args
+    )
+    write_json(metrics, stage.out / "metrics.json")  # before printing: stdout may be closed
+    print(
+        f"\nConcept forgetting after fine-tuning on {stage.task.name} (lam {args.lam:g}), "
+        "accuracy in %:\n"
+    )
+    print(forgetting_table(metrics["forgetting"]))
 
 
 def sigterm_as_ctrl_c():

@@ -1750,6 +1750,38 @@ def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
     assert "synthetic-stripes" in strict_json((tmp_path / "metrics.json").read_text())["forgetting"]
 
 
+class ClosedPipe:
+    """stdout piped into `head`, which has exited: every write raises BrokenPipeError."""
+
+    def write(self, _text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize(
+    "tasks, kept",
+    [
+        ("synthetic --eval-tasks synthetic-stripes", "forgetting"),
+        ("synthetic,synthetic-stripes --eval-tasks none", "accuracy_matrix"),
+    ],
+)
+def test_a_stdout_closed_before_the_results_table_loses_none_of_it(
+    tmp_path, capsys, monkeypatch, tasks, kept
+):
+    """`ldifs.py ... | head -3` closes stdout before the forgetting table (or a continual
+    run's summary) is printed, after it was measured: it is in metrics.json all the same."""
+    flags = [*RESUME_FLAGS[:-2], "--workers", "0", "--out", str(tmp_path), "--task", *tasks.split()]
+    table = ldifs.markdown_table
+
+    def then_close_stdout(*args):
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        return table(*args)
+
+    monkeypatch.setattr(ldifs, "markdown_table", then_close_stdout)
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 1 and "Broken pipe" in err
+    assert kept in strict_json((tmp_path / "metrics.json").read_text())
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
     path = tmp_path / "checkpoint.pt"
