@@ -809,7 +809,8 @@ def check_model(name, pretrained):
             "transformers: pip install transformers"
         )
     tag = None if pretrained == "none" else pretrained
-    if tag and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
+    # '' (an unset $WEIGHTS, say) too: open_clip would build random weights for it, silently
+    if tag is not None and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise UsageError(
             f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "

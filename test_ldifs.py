@@ -975,6 +975,9 @@ def test_load_clip_names_the_step_that_failed(monkeypatch, tmp_path):
             ldifs.load_clip(name, pretrained)
 
 
+ONE_SHORT_STEP = ["--head", "zs", "--max-steps", "1", "--batch-size", "2", "--eval-tasks", "none"]
+
+
 @pytest.mark.parametrize(
     "flags, message, code",
     [
@@ -993,6 +996,11 @@ def test_load_clip_names_the_step_that_failed(monkeypatch, tmp_path):
         (
             ["--task", "synthetic", "--model", "ViT-B-32", "--pretrained", "nope"],
             "neither a tag",
+            2,
+        ),
+        (  # an unset $WEIGHTS in a script: not random weights, silently
+            ["--task", "synthetic", "--model", "ViT-B-32", "--pretrained", "", *ONE_SHORT_STEP],
+            "--pretrained '' is neither a tag of ViT-B-32 (openai, ",
             2,
         ),
         (
