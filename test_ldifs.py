@@ -142,6 +142,47 @@ def test_distance_averages_taps_then_batch():
     )
 
 
+def test_the_regulariser_runs_copied_into_a_file_that_imports_torch_alone():
+    """README: ldifs_distance and recorded_taps depend on torch alone; copy them. Copied with
+    `import contextlib, torch` and nothing of ldifs.py, they give ldifs.py's values."""
+    copied = {}
+    source = "\n\n".join(inspect.getsource(f) for f in (ldifs.ldifs_distance, ldifs.recorded_taps))
+    exec("import contextlib\n\nimport torch\n\n" + source, copied)
+    nhwc = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity())
+    images = torch.randn(2, 5, 4, 3)  # (B, H, W, C)
+    with copied["recorded_taps"](nhwc, ["0", "1"], channels_last=True) as taps:
+        nhwc(images)
+    assert [tuple(t.shape) for t in taps.values()] == [(2, 3, 5, 4)] * 2
+    h, h0 = [torch.randn(2, 7, 6)] * 2, [torch.randn(2, 7, 6)] * 2
+    assert copied["ldifs_distance"](h, h0).item() == ldifs.ldifs_distance(h, h0).item() > 0
+
+
+def readme_python_block(heading):
+    """The first ```python block after `heading` in README.md."""
+    after = (HERE / "README.md").read_text().split(heading, 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_training_loop_runs_as_written_and_trains_with_the_ldifs_term():
+    """Users copy this loop. On a 12-block ViT, whose default taps are the ones it names, it
+    moves the encoder, keeps the reference at the start, and adds lam * D to the CE."""
+    torch.manual_seed(0)
+    encoder = open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=12, heads=2, mlp_ratio=2.0, output_dim=16
+    )
+    start = copy.deepcopy(encoder.state_dict())
+    head = torch.nn.Linear(16, 3)
+    loop = dict(encoder=encoder, head=head, lam=10.0, torch=torch, F=F)
+    loop["loader"] = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))] * 3
+    loop["optimizer"] = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=1e-3)
+    exec(readme_python_block("## The regulariser in your own training loop"), loop)
+    assert loop["names"] == ldifs.default_tap_names(encoder)
+    reference = loop["reference"].state_dict()
+    assert all(torch.equal(reference[k], v) for k, v in start.items())
+    assert not all(torch.equal(encoder.state_dict()[k], v) for k, v in start.items())
+    assert (loop["loss"] - loop["ce"]).item() > 0  # the last step's lam * D, once f has moved
+
+
 # ------------------------------------------------------------------ taps and reference
 
 
