@@ -285,12 +285,12 @@ def evaluate(args):
     for run in runs:
         rows += rows_for_run(run, clip.visual, transform, tasks, alphas, baseline, args)
     add_deltas(rows, baseline)
-    print(markdown(rows, tasks))
     if args.plot:
         plot(rows[1:], args.plot, args.plot_x)
-    if args.json:
+    if args.json:  # before printing: stdout may be closed (| head)
         results = {"model": model, "pretrained": pretrained, "tasks": tasks, "rows": rows}
         ldifs.write_json(results, args.json)
+    print(markdown(rows, tasks))
     return rows
 
 

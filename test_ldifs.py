@@ -1831,6 +1831,18 @@ def test_a_stdout_closed_before_the_results_table_loses_none_of_it(
     assert kept in strict_json((tmp_path / "metrics.json").read_text())
 
 
+def test_eval_writes_its_json_before_a_closed_stdout_can_end_it(
+    two_runs, tmp_path, capsys, monkeypatch
+):
+    """`eval.py ... --json r.json | head -3`: the results are written before the table."""
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    flags = [str(two_runs[0] / "lam0"), "--tasks", "none", "--workers", "0", "--json", str(out)]
+    code, _, err = run_main(evaluation, flags, capsys)
+    assert code == 1 and "Broken pipe" in err
+    assert strict_json(out.read_text())["rows"][1]["label"] == "synthetic FT"
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch, error):
     path = tmp_path / "checkpoint.pt"
