@@ -1739,11 +1739,11 @@ def resolve_args(args):
     for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    weights_file = user_path(args.pretrained)
+    weights_file = Path(args.pretrained).expanduser()  # '' is refused in check_args
     if weights_file.is_file():  # recorded absolute, so eval.py finds it from anywhere
         args.pretrained = os.path.abspath(weights_file)
     if args.model.startswith("local-dir:"):  # the same for a folder of weights
-        args.model = "local-dir:" + os.path.abspath(user_path(args.model.split(":", 1)[1]))
+        args.model = "local-dir:" + os.path.abspath(Path(args.model.split(":", 1)[1]).expanduser())
     named = parse_eval_tasks(args.eval_tasks)
     args.eval_tasks = [n for n in named if n not in names]
     if typed_eval_tasks and named and not args.eval_tasks:
@@ -1818,7 +1818,10 @@ def out_of_range(args, positive, non_negative):
 
 
 def user_path(text):
-    """A path flag, ~ expanded: the shell leaves the ~ of --out=~/runs/x as it is."""
+    """A path flag, ~ expanded: the shell leaves the ~ of --out=~/runs/x as it is. An empty one
+    (an unset $OUT in a script) would be the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
     return Path(text).expanduser()
 
 

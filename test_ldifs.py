@@ -926,6 +926,21 @@ def test_flags_a_run_cannot_use_are_one_line(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_path, monkeypatch):
+    """`--out "$OUT"` in a script with OUT unset wrote the run into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    short = ["--task", "synthetic", "--max-steps", "1", "--eval-tasks", "none", "--workers", "0"]
+    for module, argv, flag in [
+        (ldifs, [*short, "--out", ""], "--out"),
+        (ldifs, [*short, "--templates", ""], "--templates"),
+        (evaluation, ["", "--tasks", "none"], "runs"),
+        (evaluation, ["run", "--json", ""], "--json"),
+    ]:
+        code, _, err = run_main(module, argv, capsys)
+        assert code == 2 and f"argument {flag}: an empty path" in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_number_flag_that_is_nan_or_infinite_is_refused(capsys, tmp_path):
     # NaN passes every range check written as a comparison: --lam nan crashed with a traceback,
     # and an infinite --lam or --lr stopped training as if the loss had diverged
