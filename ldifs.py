@@ -1509,15 +1509,16 @@ def check_out(tasks, args):
     found = run_files_in(args.out)
     if args.resume and not found:
         raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")
-    if not args.resume and found:
+    ours = [path for path in found if part_of_run(path, tasks, args)]
+    if not args.resume and ours:
         raise UsageError(
             f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
         )
-    other = {p.relative_to(args.out).parts[0] for p in found if not part_of_run(p, tasks, args)}
-    if other:
+    other = sorted({p.relative_to(args.out).parts[0] for p in found if p not in ours})
+    if other:  # such as --out runs, the folder of the default --out's
+        hint = "pass the --task it was run with, or " if args.resume else ""
         raise UsageError(
-            f"--resume: {args.out} holds another run ({', '.join(sorted(other))}); "
-            "pass the --task it was run with, or choose another --out"
+            f"{args.out} holds another run ({', '.join(other)}); {hint}choose another --out"
         )
 
 

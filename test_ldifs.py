@@ -1896,6 +1896,16 @@ def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     assert code == 1 and "cannot read checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_out_that_holds_other_runs_in_its_folders_is_not_sent_to_resume(tmp_path, capsys):
+    """`--out runs`, the folder ldifs.py puts its runs in: --resume would only be refused."""
+    (tmp_path / "eurosat-lam10").mkdir()
+    (tmp_path / "eurosat-lam10/metrics.json").write_text("{}")
+    code, _, err = run_main(ldifs, [*RESUME_FLAGS, "--out", str(tmp_path)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path} holds another run (eurosat-lam10); choose another --out" in err
+    assert "pass --resume" not in err
+
+
 def test_default_out_gives_the_baselines_folders_of_their_own(tmp_path):
     def default_out(*flags):
         args = ldifs.parse_args(["--task", "synthetic,synthetic-stripes", *flags])
