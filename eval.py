@@ -83,7 +83,7 @@ def not_a_run(path):
     if any(p.parent == path or p.parent.name.partition("-")[0].isdigit() for p in files):
         return f"{path} is an unfinished run: finish it with ldifs.py --resume (no metrics.json)"
     if files:
-        return f"{path} holds runs but is none; name them, e.g. {min(files).parent}"
+        return f"{path} holds runs but is not one; name them, e.g. {min(files).parent}"
     return f"{path} is not a run directory of ldifs.py (no metrics.json)"
 
 

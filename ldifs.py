@@ -1589,11 +1589,12 @@ def load_finished_stage(clip, stage, args):
         raise UserError(
             f"cannot load the finished run in {stage.out}: {one_line(e)}; copy it again"
         ) from e
-    if stage.rank == 0:  # a one-task run then has nothing left: not even its --eval-tasks
-        alone = len(stage.sequence) == 1
-        which = "" if alone else f" stage {stage.index}"
-        more = f" (python eval.py {stage.out} --tasks a,b measures it on other eval tasks)"
-        print(f"{stage.task.name}:{which} already finished in {stage.out}; loaded it{more * alone}")
+    done = f"already finished in {stage.out}; loaded it"
+    if stage.rank == 0 and len(stage.sequence) > 1:
+        print(f"{stage.task.name}: stage {stage.index} {done}")
+    elif stage.rank == 0:  # nothing is left to run, not even a new --eval-tasks
+        more = f"python eval.py {stage.out} --tasks a,b measures it on other eval tasks"
+        print(f"{stage.task.name}: {done} ({more})")
     return linear_head(head["weight"], head["bias"])
 
 

@@ -609,7 +609,7 @@ def test_eval_of_the_folder_that_holds_the_runs_names_one_of_them(two_runs, caps
     root = two_runs[0]
     code, _, err = run_main(evaluation, [str(root)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"{root} holds runs but is none; name them, e.g. {root / 'lam0'}" in err
+    assert f"{root} holds runs but is not one; name them, e.g. {root / 'lam0'}" in err
 
 
 def copy_run(run, to, **metrics):
