@@ -3047,7 +3047,7 @@ def test_plot_without_eval_tasks_is_one_line(two_runs, tmp_path, capsys, monkeyp
     """Forgetting, the plot's x axis, is an average over the eval tasks: with none (all
     missing, or --tasks none) there is nothing to draw."""
     root, _ = two_runs
-    monkeypatch.setattr(evaluation, "pyplot", lambda: None)  # matplotlib is optional
+    monkeypatch.setattr(evaluation, "check_plot_format", lambda _: None)  # matplotlib is optional
     flags = ["--tasks", "none", "--plot", str(tmp_path / "p.png"), "--workers", "0"]
     code, _, err = run_main(evaluation, [str(root / "lam0"), *flags], capsys)
     assert code == 2 and "--plot needs an eval task" in err and len(err.strip().splitlines()) == 1
