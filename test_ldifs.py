@@ -929,7 +929,7 @@ def test_flags_a_run_cannot_use_are_one_line(capsys, tmp_path):
 def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_path, monkeypatch):
     """`--out "$OUT"` in a script with OUT unset wrote the run into the current folder."""
     monkeypatch.chdir(tmp_path)
-    short = ["--task", "synthetic", "--max-steps", "1", "--eval-tasks", "none", "--workers", "0"]
+    short = ["--task", "synthetic", *ONE_SHORT_STEP]
     for module, argv, flag in [
         (ldifs, [*short, "--out", ""], "--out"),
         (ldifs, [*short, "--templates", ""], "--templates"),
