@@ -1102,7 +1102,10 @@ def folder_task(name):
     """--task folder:PATH: your images in ImageFolder layout, PATH/{train,test}/<class>/* and
     optionally PATH/val/<class>/* (else val is held out of train as for every task). Class
     names are the train folders' names, sorted as ImageFolder does, '_' read as ' '."""
-    root = Path(name.split(":", 1)[1]).expanduser().resolve()
+    path = name.split(":", 1)[1]
+    if not path:  # folder:$DATA with DATA unset: not the current folder
+        raise UsageError("nothing after folder:; e.g. folder:~/data/leaves")
+    root = Path(path).expanduser().resolve()
     classes = image_folder_classes(root)
     names = tuple(c.replace("_", " ") for c in classes)
     load = lambda _, split, download: load_folder(root, classes, split)  # noqa: E731
@@ -1681,7 +1684,8 @@ def parse_args(argv=None):
     add("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline's epsilon")
     ref = "continual runs: reference for task k = the encoder after task k-1, or the original"
     add("--reference", choices=["previous", "pretrained"], default="previous", help=ref)
-    add("--model", help="open_clip model, hf-hub:org/repo or local-dir:PATH [ViT-B-32]")
+    model = "open_clip model, hf-hub:org/repo or local-dir:PATH [ViT-B-32]"
+    add("--model", type=model_name, help=model)
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
@@ -1825,6 +1829,15 @@ def user_path(text):
     if not text:
         raise argparse.ArgumentTypeError("an empty path")
     return Path(text).expanduser()
+
+
+def model_name(text):
+    """--model: hf-hub: and local-dir: need what follows them (local-dir:$RUN with RUN unset
+    would be the current folder)."""
+    if text in OWN_WEIGHTS:
+        example = "hf-hub:org/repo or local-dir:runs/eurosat-lam10"
+        raise argparse.ArgumentTypeError(f"nothing after {text}; e.g. {example}")
+    return text
 
 
 def pick_device(name):

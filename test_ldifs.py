@@ -941,6 +941,23 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_prefix_with_nothing_after_it_is_refused_not_read_as_the_current_folder(
+    capsys, tmp_path, monkeypatch
+):
+    """`folder:$DATA` or `local-dir:$RUN` with the variable unset read the current folder."""
+    monkeypatch.chdir(tmp_path)
+    short = ["--task", "synthetic", *ONE_SHORT_STEP]
+    for module, argv, says in [
+        (ldifs, [*short, "--task", "folder:"], "nothing after folder:"),
+        (ldifs, [*short, "--eval-tasks", "folder:"], "nothing after folder:"),
+        (ldifs, [*short, "--model", "local-dir:"], "argument --model: nothing after local-dir:"),
+        (ldifs, [*short, "--model", "hf-hub:"], "argument --model: nothing after hf-hub:"),
+    ]:
+        code, _, err = run_main(module, argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_number_flag_that_is_nan_or_infinite_is_refused(capsys, tmp_path):
     # NaN passes every range check written as a comparison: --lam nan crashed with a traceback,
     # and an infinite --lam or --lr stopped training as if the loss had diverged
