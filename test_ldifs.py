@@ -283,6 +283,17 @@ def test_images_per_second_leave_out_checkpoint_writes(tmp_path, monkeypatch):
     assert [r["images_per_second"] for r in read_log(stage)][2:] == [args.batch_size] * 4
 
 
+def test_checkpoints_come_every_save_every_steps_at_epoch_ends_and_last_with_0_those_alone(
+    tmp_path,
+):
+    """README: --save-every 0 leaves the checkpoints at each epoch's end and the last step."""
+    stage = types.SimpleNamespace(total_steps=25)  # 100 images, batch 10: 10 steps an epoch
+    for every, expected in [("4", [4, 8, 10, 12, 16, 20, 24, 25]), ("0", [10, 20, 25])]:
+        args = tiny_args(tmp_path, "--save-every", every, "--batch-size", "10")
+        steps = [s for s in range(1, 26) if ldifs.is_checkpoint_step(s, 100, stage, args)]
+        assert steps == expected
+
+
 def test_a_run_from_step_zero_replaces_the_log_of_one_killed_before_its_checkpoint(tmp_path):
     """A run killed before its first checkpoint leaves log lines and nothing to resume; the
     run that starts over must not append its lines to them."""
