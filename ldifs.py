@@ -1515,7 +1515,8 @@ def check_out(tasks, args):
     ours = [path for path in found if part_of_run(path, tasks, args)]
     if not args.resume and ours:
         raise UsageError(
-            f"{args.out} already holds a run; pass --resume to continue it, or choose another --out"
+            f"{args.out} already holds a run; to continue it, pass --resume with the flags it "
+            "was run with; else choose another --out"
         )
     other = sorted({p.relative_to(args.out).parts[0] for p in found if p not in ours})
     if other:  # such as --out runs, the folder of the default --out's

@@ -2005,7 +2005,7 @@ def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path,
     for checkpoint in out.glob("*/checkpoint.pt"):
         checkpoint.unlink()
     code, _, err = run_main(ldifs, flags, capsys)
-    assert code == 2 and "already holds a run" in err
+    assert code == 2 and "already holds a run; to continue it, pass --resume with the flags" in err
     code, printed, err = run_main(ldifs, [*flags, "--resume"], capsys)
     assert code == 0 and printed.count("already finished") == 2, err
     assert [w.stat().st_mtime_ns for w in weights] == written
