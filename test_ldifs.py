@@ -958,13 +958,13 @@ def test_a_prefix_with_nothing_after_it_is_refused_not_read_as_the_current_folde
     """`folder:$DATA` or `local-dir:$RUN` with the variable unset read the current folder."""
     monkeypatch.chdir(tmp_path)
     short = ["--task", "synthetic", *ONE_SHORT_STEP]
-    for module, argv, says in [
-        (ldifs, [*short, "--task", "folder:"], "nothing after folder:"),
-        (ldifs, [*short, "--eval-tasks", "folder:"], "nothing after folder:"),
-        (ldifs, [*short, "--model", "local-dir:"], "argument --model: nothing after local-dir:"),
-        (ldifs, [*short, "--model", "hf-hub:"], "argument --model: nothing after hf-hub:"),
+    for flags, says in [
+        (["--task", "folder:"], "nothing after folder:"),
+        (["--eval-tasks", "folder:"], "nothing after folder:"),
+        (["--model", "local-dir:"], "argument --model: nothing after local-dir:"),
+        (["--model", "hf-hub:"], "argument --model: nothing after hf-hub:"),
     ]:
-        code, _, err = run_main(module, argv, capsys)
+        code, _, err = run_main(ldifs, [*short, *flags], capsys)
         assert code == 2 and err.count("\n") == 1 and says in err, err
     assert not list(tmp_path.iterdir())
 
