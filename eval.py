@@ -264,14 +264,14 @@ def evaluate(args):
     check_named_once(args.runs, runs)
     model, pretrained, seed = check_same_start(runs)
     alphas = args.wise_ft
+    if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
+        check_plot_format(args.plot)
+        alphas = sorted(set(alphas) | {0.0})
     for flag, path in [("--json", args.json), ("--plot", args.plot)]:  # fail now, not after
         if path and path.is_dir():
             raise ldifs.UsageError(f"{flag} {path} is a folder; name a file")
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-    if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
-        check_plot_format(args.plot)
-        alphas = sorted(set(alphas) | {0.0})
     check_target_data(runs, args)
     tasks = eval_tasks(runs, args)
     if args.plot and not tasks:  # its x axis averages over them

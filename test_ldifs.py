@@ -3055,20 +3055,21 @@ def test_plot_without_matplotlib_is_one_line(two_runs, tmp_path, capsys, monkeyp
     root, _ = two_runs
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     code, _, err = run_main(
-        evaluation, [str(root / "lam0"), "--plot", str(tmp_path / "p.png")], capsys
+        evaluation, [str(root / "lam0"), "--plot", str(tmp_path / "plots" / "p.png")], capsys
     )
     assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "p.png").exists()
+    assert not (tmp_path / "plots").exists()  # refused before its folder is made
 
 
 def test_a_plot_format_matplotlib_cannot_write_is_one_line_before_any_evaluation(
     two_runs, tmp_path, capsys
 ):
     pytest.importorskip("matplotlib")
-    run, plot = str(two_runs[0] / "lam0"), tmp_path / "p.txt"
+    run, plot = str(two_runs[0] / "lam0"), tmp_path / "plots" / "p.txt"
     code, out, err = run_main(evaluation, [run, "--tasks", "none", "--plot", str(plot)], capsys)
     assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
     assert f"--plot {plot}: matplotlib cannot write .txt files; use one of" in err and "png" in err
+    assert not plot.parent.exists()  # refused before its folder is made
 
 
 def test_plot_without_eval_tasks_is_one_line(two_runs, tmp_path, capsys, monkeypatch):
