@@ -838,9 +838,11 @@ def tokenizer_of(name):
 
 
 def tap_names(encoder, flag):
-    """--taps a,b,c if given, else the tower's default taps; each must name a submodule."""
+    """--taps a,b,c if given, else the tower's default taps; each must name a submodule, once."""
     names = [n.strip() for n in (flag or "").split(",") if n.strip()] or default_tap_names(encoder)
     for name in names:
+        if names.count(name) > 1:  # D would average over it once, not weigh it twice
+            raise UsageError(f"--taps names {name!r} twice; name each tap once")
         try:
             encoder.get_submodule(name)
         except AttributeError:

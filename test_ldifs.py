@@ -2939,6 +2939,9 @@ def test_unsupported_tower_names_taps_flag_and_its_submodules():
     assert ldifs.tap_names(tower, "features, pool,") == ["features", "pool"]
     with pytest.raises(ldifs.UsageError, match="no submodule 'nope'"):
         ldifs.tap_names(tower, "features,nope")
+    # recorded_taps keeps one output per name: a repeat would not weigh its tap twice in D
+    with pytest.raises(ldifs.UsageError, match="--taps names 'pool' twice"):
+        ldifs.tap_names(tower, "pool,features,pool")
 
 
 def model_kwargs(kwargs):
