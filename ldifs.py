@@ -1806,8 +1806,11 @@ def check_args(args):
         problems.append(f"--label-smoothing must be below 1, got {args.label_smoothing}")
     if args.seed >= 2**64:  # torch seeds its generators with 64 bits
         problems.append(f"--seed must be below 2**64, got {args.seed}")
-    infinite = [k for k in ("lam", "l2sp", "lr", "wd") if math.isinf(getattr(args, k))]
-    problems += [f"{flag_name(k)} must be finite, got {getattr(args, k)}" for k in infinite]
+    largest = torch.finfo(torch.float32).max  # past it, AdamW's lr * update overflows
+    too_big = [k for k in ("lam", "l2sp", "lr", "wd") if abs(getattr(args, k)) > largest]
+    problems += [
+        f"{flag_name(k)} must be finite in float32, got {getattr(args, k)}" for k in too_big
+    ]
     if problems:
         raise UsageError("; ".join(problems))
 

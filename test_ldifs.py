@@ -974,6 +974,7 @@ def test_a_number_flag_that_is_nan_or_infinite_is_refused(capsys, tmp_path):
     # and an infinite --lam or --lr stopped training as if the loss had diverged
     cases = [("--lam", "nan"), ("--lam", "-inf"), ("--lr", "inf"), ("--wd", "nan")]
     cases += [("--label-smoothing", "nan"), ("--l2sp", "inf"), ("--grad-clip", "nan")]
+    cases += [("--lr", "1e39")]  # finite, but past float32: AdamW's step raised a traceback
     for flag, value in cases:
         code, _, err = run_main(ldifs, ["--task", "synthetic", f"{flag}={value}"], capsys)
         assert code == 2 and err.count("\n") == 1, err
