@@ -73,6 +73,12 @@ def load_run(path):
         start = start_weights(path, metrics, load)
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
+    missing = [key for key in ("lam", "model", "pretrained", "seed", "task") if key not in metrics]
+    if missing:  # what the table and the start check read
+        raise ldifs.UserError(
+            f"{path / 'metrics.json'} has no {', '.join(missing)}: written by an older "
+            "ldifs.py; run it again"
+        )
     return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
 
 

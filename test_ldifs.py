@@ -643,6 +643,19 @@ def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     assert code == 2 and "ldifs-tiny / none (seed 0); ldifs-tiny / none (seed 1)" in err
 
 
+def test_eval_says_a_run_whose_metrics_lack_a_field_is_from_an_older_ldifs_py(
+    two_runs, tmp_path, capsys
+):
+    """Runs written before ldifs.py recorded --seed (2026-11-27) raised a KeyError traceback."""
+    old = copy_run(two_runs[0] / "lam0", tmp_path / "old")
+    recorded = json.loads((old / "metrics.json").read_text())
+    del recorded["seed"], recorded["lam"]
+    (old / "metrics.json").write_text(json.dumps(recorded))
+    code, _, err = run_main(evaluation, [str(old)], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{old / 'metrics.json'} has no lam, seed: written by an older ldifs.py" in err
+
+
 def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretrained(tmp_path):
     """open_clip loads a local-dir: model's own weights and ignores --pretrained, so two runs
     from one folder start from the same weights whatever --pretrained they recorded."""
