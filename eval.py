@@ -269,15 +269,15 @@ def evaluate(args):
     runs = [load_run(path) for path in args.runs]
     check_named_once(args.runs, runs)
     model, pretrained, seed = check_same_start(runs)
-    alphas = args.wise_ft
+    alphas, outputs = args.wise_ft, {"--json": args.json, "--plot": args.plot}
+    for flag, path in outputs.items():  # fail now, not after the evaluation
+        if path and path.is_dir():
+            raise ldifs.UsageError(f"{flag} {path} is a folder; name a file")
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         check_plot_format(args.plot)
         alphas = sorted(set(alphas) | {0.0})
-    for flag, path in [("--json", args.json), ("--plot", args.plot)]:  # fail now, not after
-        if path and path.is_dir():
-            raise ldifs.UsageError(f"{flag} {path} is a folder; name a file")
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+    for path in filter(None, outputs.values()):  # a folder that cannot be made fails now too
+        path.parent.mkdir(parents=True, exist_ok=True)
     check_target_data(runs, args)
     tasks = eval_tasks(runs, args)
     if args.plot and not tasks:  # its x axis averages over them
