@@ -34,8 +34,9 @@ def parse_args(argv=None):
     add("--json", type=ldifs.user_path, help="also write the results here")
     add("--plot", type=ldifs.user_path, help="also plot accuracy against forgetting: PNG, PDF...")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
-    add("--data-root", default=ldifs.DATA_ROOT, help="as in ldifs.py ($LDIFS_DATA)")
-    add("--cache-dir", default=ldifs.CACHE_DIR, help="as in ldifs.py ($LDIFS_CACHE)")
+    data, cache = "as in ldifs.py ($LDIFS_DATA)", "as in ldifs.py ($LDIFS_CACHE)"
+    add("--data-root", type=ldifs.user_path, default=ldifs.DATA_ROOT, help=data)
+    add("--cache-dir", type=ldifs.user_path, default=ldifs.CACHE_DIR, help=cache)
     add("--no-download", dest="download", action="store_false", help="never download data")
     add("--device", type=ldifs.pick_device, default="", help="torch device [cuda if available]")
     add("--workers", type=int, default=ldifs.WORKERS, help="data-loading worker processes")

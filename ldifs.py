@@ -1649,8 +1649,8 @@ def one_line(error, limit=200):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-DATA_ROOT = os.environ.get("LDIFS_DATA", "~/data")
-CACHE_DIR = os.environ.get("LDIFS_CACHE", "~/.cache/ldifs")
+DATA_ROOT = os.environ.get("LDIFS_DATA") or "~/data"  # set but empty: as unset
+CACHE_DIR = os.environ.get("LDIFS_CACHE") or "~/.cache/ldifs"
 # The cores this process may use; macOS has no sched_getaffinity.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 WORKERS = min(8, CORES or 1)
@@ -1693,7 +1693,8 @@ def parse_args(argv=None):
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
     add("--templates", type=user_path, help="prompt templates file, one a line with {} [task's]")
-    add("--data-root", default=DATA_ROOT, help="where data is read and downloaded ($LDIFS_DATA)")
+    where = "where data is read and downloaded ($LDIFS_DATA)"
+    add("--data-root", type=user_path, default=DATA_ROOT, help=where)
     add("--out", type=user_path, help="run directory [runs/<task>-lam<lam>[-l2sp<a>][-ls<e>]]")
     add("--epochs", type=int, help="training epochs per task [the release's for each task]")
     add("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -1711,7 +1712,8 @@ def parse_args(argv=None):
     add("--resume", action="store_true", help="continue the run in --out")
     add("--no-download", dest="download", action="store_false", help="never download data")
     add("--eval-tasks", help=f"tasks to measure forgetting on, or 'none' [{DEFAULT_EVAL_TASKS}]")
-    add("--cache-dir", default=CACHE_DIR, help="cache of pre-trained features ($LDIFS_CACHE)")
+    cache = "cache of pre-trained features ($LDIFS_CACHE)"
+    add("--cache-dir", type=user_path, default=CACHE_DIR, help=cache)
     add("--list-tasks", action="store_true", help="list the tasks and where their data goes")
     return p.parse_args(argv)
 

@@ -816,6 +816,20 @@ def test_imports_where_os_has_no_sched_getaffinity():
     assert int(result.stdout) == min(8, os.cpu_count())
 
 
+def test_an_empty_data_or_cache_variable_is_unset_not_the_current_folder():
+    """`export LDIFS_DATA=` means no choice: the defaults, not downloads into the current folder."""
+    code = "import ldifs; print(ldifs.parse_args([]).data_root, ldifs.parse_args([]).cache_dir)"
+    env = {**os.environ, "LDIFS_DATA": "", "LDIFS_CACHE": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        str(Path("~/data").expanduser()),
+        str(Path("~/.cache/ldifs").expanduser()),
+    ]
+
+
 @pytest.mark.parametrize("module, shown", [(ldifs, "--lam LAM"), (evaluation, "--eval-batch-size")])
 def test_help_shows_defaults_except_none_empty_and_booleans(capsys, module, shown):
     code, out, _ = run_main(module, ["--help"], capsys)
@@ -957,8 +971,11 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_pat
     for module, argv, flag in [
         (ldifs, [*short, "--out", ""], "--out"),
         (ldifs, [*short, "--templates", ""], "--templates"),
+        (ldifs, [*short, "--data-root", ""], "--data-root"),  # the data would download here
+        (ldifs, [*short, "--cache-dir", ""], "--cache-dir"),
         (evaluation, ["", "--tasks", "none"], "runs"),
         (evaluation, ["run", "--json", ""], "--json"),
+        (evaluation, ["run", "--data-root", ""], "--data-root"),
     ]:
         code, _, err = run_main(module, argv, capsys)
         assert code == 2 and f"argument {flag}: an empty path" in err, err
