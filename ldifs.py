@@ -2040,10 +2040,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.CRITICAL)  # open_clip logs errors we re-state in one line
     sigterm_as_ctrl_c()
     args = parse_args(argv)
-    if args.list_tasks:
-        return list_tasks(args.data_root)
     try:
         with one_line_errors("ldifs.py", lambda: what_resumes(args.out)):
+            if args.list_tasks:  # inside: `| head` closes its stdout
+                return list_tasks(args.data_root)
             run(args)
     finally:
         if torch.distributed.is_initialized():

@@ -1905,6 +1905,13 @@ def test_a_stdout_closed_before_the_results_table_loses_none_of_it(
     assert kept in strict_json((tmp_path / "metrics.json").read_text())
 
 
+def test_list_tasks_into_a_closed_stdout_is_one_line(capsys, monkeypatch):
+    """`ldifs.py --list-tasks | head -3` ended with a BrokenPipeError traceback."""
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code, _, err = run_main(ldifs, ["--list-tasks"], capsys)
+    assert code == 1 and err == "ldifs.py: error: [Errno 32] Broken pipe\n"
+
+
 def test_eval_writes_its_json_before_a_closed_stdout_can_end_it(
     two_runs, tmp_path, capsys, monkeypatch
 ):
