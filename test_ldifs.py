@@ -964,37 +964,28 @@ def test_flags_a_run_cannot_use_are_one_line(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys, tmp_path, monkeypatch):
-    """`--out "$OUT"` in a script with OUT unset wrote the run into the current folder."""
-    monkeypatch.chdir(tmp_path)
-    short = ["--task", "synthetic", *ONE_SHORT_STEP]
-    for module, argv, flag in [
-        (ldifs, [*short, "--out", ""], "--out"),
-        (ldifs, [*short, "--templates", ""], "--templates"),
-        (ldifs, [*short, "--data-root", ""], "--data-root"),  # the data would download here
-        (ldifs, [*short, "--cache-dir", ""], "--cache-dir"),
-        (evaluation, ["", "--tasks", "none"], "runs"),
-        (evaluation, ["run", "--json", ""], "--json"),
-        (evaluation, ["run", "--data-root", ""], "--data-root"),
-    ]:
-        code, _, err = run_main(module, argv, capsys)
-        assert code == 2 and f"argument {flag}: an empty path" in err, err
-    assert not list(tmp_path.iterdir())
-
-
-def test_a_prefix_with_nothing_after_it_is_refused_not_read_as_the_current_folder(
+def test_an_empty_path_or_prefix_is_refused_not_read_as_the_current_folder(
     capsys, tmp_path, monkeypatch
 ):
-    """`folder:$DATA` or `local-dir:$RUN` with the variable unset read the current folder."""
+    """`--out "$OUT"`, `folder:$DATA` or `local-dir:$RUN` in a script with the variable unset
+    read the current folder; an empty hf-hub: said "check your connection"."""
     monkeypatch.chdir(tmp_path)
     short = ["--task", "synthetic", *ONE_SHORT_STEP]
-    for flags, says in [
-        (["--task", "folder:"], "nothing after folder:"),
-        (["--eval-tasks", "folder:"], "nothing after folder:"),
-        (["--model", "local-dir:"], "argument --model: nothing after local-dir:"),
-        (["--model", "hf-hub:"], "argument --model: nothing after hf-hub:"),
+    empty = "an empty path"
+    for module, argv, says in [
+        (ldifs, [*short, "--out", ""], f"argument --out: {empty}"),
+        (ldifs, [*short, "--templates", ""], f"argument --templates: {empty}"),
+        (ldifs, [*short, "--data-root", ""], f"argument --data-root: {empty}"),  # downloads here
+        (ldifs, [*short, "--cache-dir", ""], f"argument --cache-dir: {empty}"),
+        (evaluation, ["", "--tasks", "none"], f"argument runs: {empty}"),
+        (evaluation, ["run", "--json", ""], f"argument --json: {empty}"),
+        (evaluation, ["run", "--data-root", ""], f"argument --data-root: {empty}"),
+        (ldifs, [*short, "--task", "folder:"], "nothing after folder:"),
+        (ldifs, [*short, "--eval-tasks", "folder:"], "nothing after folder:"),
+        (ldifs, [*short, "--model", "local-dir:"], "argument --model: nothing after local-dir:"),
+        (ldifs, [*short, "--model", "hf-hub:"], "argument --model: nothing after hf-hub:"),
     ]:
-        code, _, err = run_main(ldifs, [*short, *flags], capsys)
+        code, _, err = run_main(module, argv, capsys)
         assert code == 2 and err.count("\n") == 1 and says in err, err
     assert not list(tmp_path.iterdir())
 
