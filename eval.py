@@ -277,12 +277,12 @@ def evaluate(args):
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         check_plot_format(args.plot)
         alphas = sorted(set(alphas) | {0.0})
-    for path in filter(None, outputs.values()):  # a folder that cannot be made fails now too
-        path.parent.mkdir(parents=True, exist_ok=True)
     check_target_data(runs, args)
     tasks = eval_tasks(runs, args)
     if args.plot and not tasks:  # its x axis averages over them
         raise ldifs.UsageError("--plot needs an eval task whose data is there; name it in --tasks")
+    for path in filter(None, outputs.values()):  # after the checks: a refusal leaves no folder
+        path.parent.mkdir(parents=True, exist_ok=True)  # one that cannot be made fails now too
     if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
         torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)

@@ -729,13 +729,16 @@ def test_eval_checks_each_runs_own_test_data_first(
     two_runs, tmp_path, capsys, monkeypatch, task, message, exit_code
 ):
     """A run's target task whose data is gone (a moved folder:PATH) ends eval.py before the
-    model loads, with one line that names the run, not the --task flag eval.py lacks."""
+    model loads, with one line that names the run, not the --task flag eval.py lacks, and
+    before the --json file's folder is made."""
     monkeypatch.setattr(ldifs, "load_clip", lambda *_: pytest.fail("evaluated before the check"))
     run = copy_run(two_runs[0] / "lam0", tmp_path / "run", task=task.format(tmp=tmp_path))
     flags = ["--data-root", str(tmp_path), "--no-download", "--workers", "0"]
+    flags += ["--json", str(tmp_path / "results" / "r.json")]
     code, _, err = run_main(evaluation, [str(run), *flags], capsys)
     assert code == exit_code and len(err.strip().splitlines()) == 1, err
     assert message.format(tmp=tmp_path, run=run) in err, err
+    assert not (tmp_path / "results").exists()
 
 
 def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
@@ -3109,6 +3112,7 @@ def test_plot_without_eval_tasks_is_one_line(two_runs, tmp_path, capsys, monkeyp
     missing, or --tasks none) there is nothing to draw."""
     root, _ = two_runs
     monkeypatch.setattr(evaluation, "check_plot_format", lambda _: None)  # matplotlib is optional
-    flags = ["--tasks", "none", "--plot", str(tmp_path / "p.png"), "--workers", "0"]
+    flags = ["--tasks", "none", "--plot", str(tmp_path / "plots" / "p.png"), "--workers", "0"]
     code, _, err = run_main(evaluation, [str(root / "lam0"), *flags], capsys)
     assert code == 2 and "--plot needs an eval task" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "plots").exists()
