@@ -64,22 +64,21 @@ def load_run(path):
     continual run's folder stands for its last stage."""
     if not (path / "metrics.json").is_file():
         raise ldifs.UsageError(not_a_run(path))
-    summary = ldifs.read_metrics(path)
-    if "accuracy_matrix" in summary:
-        path = path / ldifs.stage_folder(len(summary["tasks"]) - 1, summary["tasks"][-1])
-    try:
-        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
-        metrics = json.loads((path / "metrics.json").read_text())
-        weights, head = load(path / "open_clip_pytorch_model.bin"), load(path / "head.pt")
-        start = start_weights(path, metrics, load)
-    except Exception as e:  # truncated, corrupt or foreign files
-        raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
+    metrics = ldifs.read_metrics(path)
+    if "accuracy_matrix" in metrics:
+        return load_run(path / ldifs.stage_folder(len(metrics["tasks"]) - 1, metrics["tasks"][-1]))
     missing = [key for key in ("lam", "model", "pretrained", "seed", "task") if key not in metrics]
-    if missing:  # what the table and the start check read
+    if missing:  # what the table and the start check read; said before the weights load
         raise ldifs.UserError(
             f"{path / 'metrics.json'} has no {', '.join(missing)}: written by an older "
             "ldifs.py; run it again"
         )
+    try:
+        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+        weights, head = load(path / "open_clip_pytorch_model.bin"), load(path / "head.pt")
+        start = start_weights(path, metrics, load)
+    except Exception as e:  # truncated, corrupt or foreign files
+        raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
     return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
 
 

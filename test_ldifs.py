@@ -644,9 +644,11 @@ def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
 
 
 def test_eval_says_a_run_whose_metrics_lack_a_field_is_from_an_older_ldifs_py(
-    two_runs, tmp_path, capsys
+    two_runs, tmp_path, capsys, monkeypatch
 ):
-    """Runs written before ldifs.py recorded --seed (2026-11-27) raised a KeyError traceback."""
+    """Runs written before ldifs.py recorded --seed (2026-11-27) raised a KeyError traceback.
+    Said before the run's weights load: a ViT's take seconds."""
+    monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("loaded before the check"))
     old = copy_run(two_runs[0] / "lam0", tmp_path / "old")
     recorded = json.loads((old / "metrics.json").read_text())
     del recorded["seed"], recorded["lam"]
