@@ -177,12 +177,16 @@ def eval_tasks(runs, args):
     """--tasks, or the tasks the runs were evaluated on; one whose data is missing, or whose
     folder is gone for a folder:PATH task the runs recorded, is skipped with a warning."""
     recorded = [t for r in runs for t in r["metrics"].get("eval_tasks", [])]
-    if not args.tasks and not recorded:  # not the release's seven: they are gigabytes to fetch
+    if args.tasks is not None:  # typed: checked
+        names = ldifs.parse_eval_tasks(args.tasks, "--tasks")
+    elif recorded:
+        names = recorded
+    else:  # not the release's seven: they are gigabytes to fetch
         print(
             "eval.py: warning: the runs were evaluated on no task; name some with --tasks",
             file=sys.stderr,
         )
-    names = ldifs.parse_eval_tasks(args.tasks) if args.tasks else recorded  # typed: checked
+        names = []
     kept = []
     for name in dict.fromkeys(names):
         try:

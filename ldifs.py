@@ -1775,9 +1775,14 @@ def default_out(names, args):
     return Path("runs") / "-".join(parts + [f"{k}{v:g}" for k, v in baselines.items() if v])
 
 
-def parse_eval_tasks(value):
-    """The eval tasks named in `value` ('a,b' or 'none'), each once."""
-    names = [] if value == "none" else [get_task(name).name for name in value.split(",") if name]
+def parse_eval_tasks(value, flag="--eval-tasks"):
+    """The eval tasks named in `value` ('a,b' or 'none'), each once. An empty list (an unset
+    $EVAL) is refused: 'none' says it."""
+    if value == "none":
+        return []
+    names = [get_task(name).name for name in value.split(",") if name]
+    if not names:
+        raise UsageError(f"{flag} {value!r} names no task; name some (a,b) or 'none'")
     return list(dict.fromkeys(names))
 
 

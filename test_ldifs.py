@@ -875,12 +875,27 @@ def test_eval_tasks_that_name_only_the_trained_tasks_warn_that_nothing_is_left(c
         ),
         (["--task=synthetic,synthetic-stripes"], False, []),  # the recipe's eval tasks
         (["--task=synthetic", "--eval-tasks=none"], False, []),
-        (["--task=synthetic", "--eval-tasks="], False, []),
     ]:
         args = ldifs.parse_args(flags)
         ldifs.resolve_args(args)
         assert (warning in capsys.readouterr().err) == warned, flags
         assert args.eval_tasks == left, flags
+
+
+@pytest.mark.parametrize("empty", ["", ","])
+def test_an_empty_eval_task_list_is_refused_not_read_as_none(two_runs, tmp_path, capsys, empty):
+    """--eval-tasks "$EVAL" with EVAL unset ran without a forgetting table, and eval.py
+    --tasks "$EVAL" fell back on the recorded tasks: each silently. 'none' says it."""
+    flags = ["--task", "synthetic", "--eval-tasks", empty, "--out", str(tmp_path / "run")]
+    run = str(two_runs[0] / "lam0")
+    for module, argv, flag in [
+        (ldifs, flags, "--eval-tasks"),
+        (evaluation, [run, "--tasks", empty, "--workers", "0"], "--tasks"),
+    ]:
+        code, out, err = run_main(module, argv, capsys)
+        assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+        assert f"{flag} {empty!r} names no task; name some (a,b) or 'none'" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_tasks_named_twice_are_measured_once():
