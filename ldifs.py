@@ -1900,8 +1900,6 @@ def stage_folder(k, name):
 
 def plan_stage(k, tasks, n_train, taps, shard, args):
     """Stage k of the run: its task, folder, length and taps, on this process's shard."""
-    if n_train < args.batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} exceeds the {n_train} training images")
     task = tasks[k]
     epochs = task.epochs if args.epochs is None else args.epochs
     steps = epochs * (n_train // args.batch_size)
@@ -1919,6 +1917,7 @@ def run(args):
     shard = setup_distributed(args)
     check_out(tasks, args)
     data = fetch_data(tasks, shard[0], args)
+    check_batches_fill(data, args)
     torch.manual_seed(args.seed)
     clip, *transforms = load_clip(args.model, args.pretrained, args.device)
     taps = tap_names(clip.visual, args.taps)
@@ -1956,6 +1955,16 @@ def fetch_data(tasks, rank, args):
     if failure[0]:
         raise failure[0]
     return data if rank == 0 else fetch()
+
+
+def check_batches_fill(data, args):
+    """Every task's training images fill a batch: checked before the model loads and the
+    first stage trains, not as a later stage starts (a resume cannot change the batch)."""
+    for name, (train, _) in data.items():
+        if len(train) < args.batch_size:
+            raise UsageError(
+                f"--batch-size {args.batch_size} exceeds the {len(train)} training images of {name}"
+            )
 
 
 def finetune(clip, reference, pretrained, data, transforms, stage, args):

@@ -984,6 +984,20 @@ def test_flags_a_run_cannot_use_are_one_line(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_batch_a_later_task_cannot_fill_is_refused_before_the_first_task_trains(
+    capsys, tmp_path, monkeypatch
+):
+    """In a continual run the batch size was checked against each task as its stage began:
+    hours into the run, which then could not resume with a smaller --batch-size."""
+    monkeypatch.setattr(ldifs, "load_clip", lambda *_: pytest.fail("loaded before the check"))
+    small = make_folder(tmp_path / "small")  # 54 training images; the recipe's batch is 64
+    argv = ["--task", f"synthetic,folder:{small}", "--out", str(tmp_path / "run"), "--workers=0"]
+    code, _, err = run_main(ldifs, argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--batch-size 64 exceeds the 54 training images of folder:{small}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_empty_path_or_prefix_is_refused_not_read_as_the_current_folder(
     capsys, tmp_path, monkeypatch
 ):
