@@ -1511,6 +1511,8 @@ def check_out(tasks, args):
     existing = next(path for path in (args.out, *args.out.parents) if path.exists())
     if not existing.is_dir():  # else mkdir fails, after the model and data have loaded
         raise UsageError(f"--out {args.out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # no permission, or a read-only mount
+        raise UserError(f"--out {args.out}: cannot write in {existing}")
     found = run_files_in(args.out)
     if args.resume and not found:
         raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")

@@ -2055,6 +2055,24 @@ def test_an_out_that_is_or_is_under_a_file_is_refused_before_the_model_loads(
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_an_out_in_a_folder_this_user_cannot_write_is_refused_before_the_data_loads(
+    tmp_path, capsys, monkeypatch
+):
+    """A shared folder without write permission, or a read-only mount: mkdir failed only
+    after the data had downloaded and the model had loaded. (Root may write anywhere, so
+    the permission is faked; os.access is what the check asks.)"""
+    monkeypatch.setattr(ldifs, "fetch_data", lambda *a: pytest.fail("the data was loaded"))
+    locked, access = tmp_path / "shared", os.access
+    locked.mkdir()
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: Path(path) != locked and access(path, mode)
+    )
+    out = locked / "runs" / "x"
+    code, _, err = run_main(ldifs, ["--task", "synthetic", "--out", str(out)], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"--out {out}: cannot write in {locked}" in err, err
+
+
 def test_a_finished_run_without_its_checkpoints_is_never_trained_again(tmp_path, capsys):
     """Checkpoints are large, and a finished run needs none: deleting them must not let the
     same command train over the run, nor --resume train a finished stage again, nor a
