@@ -284,8 +284,11 @@ def evaluate(args):
     tasks = eval_tasks(runs, args)
     if args.plot and not tasks:  # its x axis averages over them
         raise ldifs.UsageError("--plot needs an eval task whose data is there; name it in --tasks")
-    for path in filter(None, outputs.values()):  # after the checks: a refusal leaves no folder
-        path.parent.mkdir(parents=True, exist_ok=True)  # one that cannot be made fails now too
+    for flag, path in outputs.items():  # after the checks: a refusal leaves no folder
+        if path:  # one that cannot be made, or written in, fails now too
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise ldifs.UserError(f"{flag} {path}: cannot write in {path.parent}")
     if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
         torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)

@@ -764,6 +764,24 @@ def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     assert code == 0 and (tmp_path / "new/r.json").exists()
 
 
+def test_eval_refuses_a_json_file_in_a_folder_it_cannot_write_before_evaluating(
+    two_runs, tmp_path, capsys, monkeypatch
+):
+    """The file was written after the whole evaluation, and before the table: both were
+    lost. (Root may write anywhere, so the permission is faked.)"""
+    monkeypatch.setattr(ldifs, "load_clip", lambda *_: pytest.fail("evaluated before the check"))
+    locked, access = tmp_path / "shared", os.access
+    locked.mkdir()
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: Path(path) != locked and access(path, mode)
+    )
+    results = locked / "r.json"
+    argv = [str(two_runs[0] / "lam0"), "--tasks", "none", "--json", str(results)]
+    code, out, err = run_main(evaluation, argv, capsys)
+    assert code == 1 and not out and err.count("\n") == 1, err
+    assert f"--json {results}: cannot write in {locked}" in err, err
+
+
 def test_wise_ft_interpolates_weights():
     a, b = {"w": torch.zeros(3)}, {"w": torch.ones(3) * 4}
     assert torch.equal(evaluation.wise_ft(a, b, 0.25)["w"], torch.ones(3))
