@@ -877,6 +877,7 @@ class Task:
     split_rule: str = HELD_OUT
     recipe: dict = dataclasses.field(default_factory=dict)  # overrides of the release's recipe
     images_digest: str = ""  # of data users edit (folder tasks), for the feature cache's key
+    split_sizes: tuple = ()  # (train, val, test) of the whole dataset, when it is fixed
 
     def __post_init__(self):
         if not self.num_classes:
@@ -1070,6 +1071,12 @@ def get_dataset(task, split, root, transform=None, download=True):
         data = task.load(root, split, download and task.downloads)
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download) from e
+    whole = dict(zip(("train", "val", "test"), task.split_sizes, strict=False))
+    if whole and len(data) != whole[split]:  # torchvision checks only that a folder exists
+        warn_once(
+            f"{task.name}: {len(data)} {split} images in {root}, not the dataset's "
+            f"{whole[split]}: unpacked in part? delete it to download it again"
+        )
     return Transformed(data, transform) if transform else data
 
 
@@ -1300,6 +1307,7 @@ TASKS = {
             load=torchvision_loader("StanfordCars", *TV_SPLITS),
             layout="stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
             source="by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars",
+            split_sizes=(7330, 814, 8041),
         ),
         Task(
             name="cifar10",
@@ -1309,6 +1317,7 @@ TASKS = {
             load=torchvision_loader("CIFAR10", *TV_TRAIN_TEST),
             layout="cifar-10-batches-py/",
             source="torchvision.datasets.CIFAR10",
+            split_sizes=(45000, 5000, 10000),
         ),
         Task(
             name="cifar100",
@@ -1318,6 +1327,7 @@ TASKS = {
             load=torchvision_loader("CIFAR100", *TV_TRAIN_TEST),
             layout="cifar-100-python/",
             source="torchvision.datasets.CIFAR100",
+            split_sizes=(45000, 5000, 10000),
         ),
         Task(
             name="dtd",
@@ -1328,6 +1338,7 @@ TASKS = {
             layout="dtd/dtd/{images/<class>/*.jpg,labels/}",
             source="torchvision.datasets.DTD",
             split_rule="partition 1: train minus a seeded 10% val; test = test",
+            split_sizes=(1692, 188, 1880),
         ),
         Task(
             name="eurosat",
@@ -1338,6 +1349,7 @@ TASKS = {
             layout="eurosat/2750/<class>/*.jpg",
             source="torchvision.datasets.EuroSAT",
             split_rule="seeded 80/10/10: 21600 / 2700 / 2700 (the release's split is unpublished)",
+            split_sizes=(21600, 2700, 2700),
         ),
         Task(
             name="gtsrb",
@@ -1347,6 +1359,7 @@ TASKS = {
             load=torchvision_loader("GTSRB", *TV_SPLITS),
             layout="gtsrb/GTSRB/{Training,Final_Test}/",
             source="torchvision.datasets.GTSRB",
+            split_sizes=(23976, 2664, 12630),
         ),
         Task(
             name="imagenet",
@@ -1356,6 +1369,7 @@ TASKS = {
             load=load_imagenet,
             layout="imagenet/{train,val}/<wnid>/*.JPEG",
             source="by hand: image-net.org (ILSVRC2012), val sorted into wnid folders",
+            split_sizes=(1261167, 20000, 50000),
         ),
         Task(
             name="mnist",
@@ -1365,6 +1379,7 @@ TASKS = {
             load=torchvision_loader("MNIST", *TV_TRAIN_TEST),
             layout="MNIST/raw/",
             source="torchvision.datasets.MNIST",
+            split_sizes=(54000, 6000, 10000),
         ),
         Task(
             name="resisc45",
@@ -1396,6 +1411,7 @@ TASKS = {
             load=torchvision_loader("SVHN", *TV_SPLITS, subdir="svhn"),
             layout="svhn/{train,test}_32x32.mat",
             source="torchvision.datasets.SVHN",
+            split_sizes=(65932, 7325, 26032),
         ),
         Task(
             name="synthetic",

@@ -1252,6 +1252,27 @@ def test_eurosat_labels_follow_folders_and_split_80_10_10(tmp_path):
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
 
 
+def test_a_built_in_task_with_fewer_images_than_its_dataset_warns(tmp_path, capsys):
+    """torchvision takes a half-unpacked EuroSAT or GTSRB (a download killed while it
+    unpacked) for the whole: it checks only that the folder exists."""
+    for code, folder in enumerate(EUROSAT_FOLDERS):
+        fake_image(tmp_path / "eurosat/2750" / folder / f"{folder}_0.jpg", code)
+    ldifs.warn_once.cache_clear()
+    capsys.readouterr()
+    ldifs.get_dataset("eurosat", "train", tmp_path, download=False)
+    warning = (
+        f"ldifs.py: warning: eurosat: 8 train images in {tmp_path}, not the dataset's 21600: "
+        "unpacked in part? delete it to download it again"
+    )
+    assert warning in capsys.readouterr().err
+    whole = dataclasses.replace(ldifs.TASKS["eurosat"], split_sizes=(8, 1, 1))
+    for split in ("train", "val", "test"):
+        ldifs.get_dataset(whole, split, tmp_path, download=False)
+    assert not capsys.readouterr().err
+    fixed = "cars cifar10 cifar100 dtd eurosat gtsrb imagenet mnist svhn".split()
+    assert [name for name, t in ldifs.TASKS.items() if t.split_sizes] == fixed
+
+
 def test_gtsrb_labels_are_class_ids(tmp_path):
     base = tmp_path / "gtsrb/GTSRB"
     for code in range(43):  # torchvision labels training folders by sorted position
