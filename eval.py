@@ -177,7 +177,7 @@ def eval_tasks(runs, args):
     """--tasks, or the tasks the runs were evaluated on; one whose data is missing, or whose
     folder is gone for a folder:PATH task the runs recorded, is skipped with a warning."""
     recorded = [t for r in runs for t in r["metrics"].get("eval_tasks", [])]
-    if args.tasks is not None:  # typed: checked
+    if args.tasks is not None:  # typed, so checked; recorded ones were checked by ldifs.py
         names = ldifs.parse_eval_tasks(args.tasks, "--tasks")
     elif recorded:
         names = recorded
