@@ -823,9 +823,22 @@ def check_local_dir(name):
     open_clip builds random weights and only logs a warning."""
     folder = Path(name.split(":", 1)[1])
     if not (folder / "open_clip_config.json").is_file():
+        stage = last_stage(folder)
+        if stage:
+            raise UsageError(
+                f"{name}: a continual run's folder; name a stage, e.g. local-dir:{stage}"
+            )
         raise UsageError(f"{name}: no open_clip_config.json in it; name a folder a run wrote")
     if not any(any(folder.glob(f"*.{ext}")) for ext in ("safetensors", "bin", "pth")):
         raise UsageError(f"{name}: no weights file (*.safetensors, *.bin or *.pth) in it")
+
+
+def last_stage(folder):
+    """The model a continual run in `folder` ends with: its stage folder k-<task> of highest k."""
+    stages = [p.parent for p in folder.glob("*/open_clip_config.json")]
+    index = lambda stage: stage.name.split("-")[0]  # noqa: E731
+    numbered = [stage for stage in stages if index(stage).isdigit()]
+    return max(numbered, key=lambda stage: int(index(stage)), default=None)
 
 
 def tokenizer_of(name):

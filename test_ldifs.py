@@ -1735,6 +1735,19 @@ def test_an_hf_hub_model_records_no_tag_and_is_keyed_by_its_name(monkeypatch):
     assert key == ldifs.weights_key("hf-hub:org/repo", "openai", 1) == {"model": "hf-hub:org/repo"}
 
 
+def test_a_local_dir_of_a_continual_run_names_one_of_its_stages(tmp_path, capsys):
+    """A continual run's --out holds its stages' models, not one of its own: "name a folder
+    a run wrote" left the user, who had named one, to guess."""
+    run = tmp_path / "eleven-tasks-lam10"
+    for k in range(11):  # the last is 10-task10, which sorts before 2-task2 as text
+        (run / f"{k}-task{k}").mkdir(parents=True)
+        (run / f"{k}-task{k}" / "open_clip_config.json").write_text("{}")
+    flags = ["--task", "synthetic", "--model", f"local-dir:{run}", "--out", str(tmp_path / "o")]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"a continual run's folder; name a stage, e.g. local-dir:{run / '10-task10'}" in err
+
+
 def test_a_local_dir_folder_without_its_config_or_weights_is_refused_up_front(tmp_path, capsys):
     """open_clip builds a local-dir: folder that holds a config but no weights file with random
     weights, and only logs a warning (which ldifs.py silences): a fine-tuning or an eval.py
