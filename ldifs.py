@@ -1610,9 +1610,12 @@ def atomic_write(path, write):
 def read_metrics(out):
     path = out / "metrics.json"
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
+        metrics = json.loads(path.read_text()) if path.exists() else {}
     except ValueError as e:  # a run copied in part, or edited by hand
         raise UserError(f"cannot read {path}: {one_line(e)}; fix or delete it") from e
+    if not isinstance(metrics, dict):  # valid JSON, but no fields to read: [], null
+        raise UserError(f"cannot read {path}: not a JSON object; fix or delete it")
+    return metrics
 
 
 def load_finished_stage(clip, stage, args):

@@ -2181,6 +2181,24 @@ def test_resume_may_extend_a_finished_sequence_but_not_change_it(tmp_path):
     assert not ldifs.part_of_run(tmp_path / "metrics.json", tasks[:1] + tasks[2:], args)
 
 
+@pytest.mark.parametrize("text", ["[]", "null", "3"])
+def test_a_metrics_file_edited_into_json_that_is_no_object_is_one_line(
+    two_runs, tmp_path, capsys, text
+):
+    """Valid JSON, but not the object both scripts read fields of: an AttributeError or
+    TypeError traceback."""
+    run = copy_run(two_runs[0] / "lam0", tmp_path / "run")
+    (run / "metrics.json").write_text(text)
+    flags = ["--task", "synthetic", "--lam", "0", "--max-steps", "12", "--workers", "0"]
+    for module, argv in [
+        (ldifs, [*flags, "--eval-tasks", "none", "--out", str(run), "--resume"]),
+        (evaluation, [str(run), "--workers", "0"]),
+    ]:
+        code, _, err = run_main(module, argv, capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"cannot read {run / 'metrics.json'}: not a JSON object; fix or delete it" in err
+
+
 @pytest.mark.parametrize(
     "damaged, ldifs_says, eval_says",
     [
