@@ -1822,10 +1822,11 @@ def parse_eval_tasks(value, flag="--eval-tasks"):
 
 def read_templates(path):
     """--templates FILE: one prompt template a line, each with {} for the class name."""
-    try:
-        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:  # -sig: without the byte-order mark Windows editors start UTF-8 files with
+        text = Path(path).read_text("utf-8-sig")
     except (OSError, ValueError) as e:  # missing, or not UTF-8 text (e.g. UTF-16 from Notepad)
         raise UsageError(f"--templates {path}: {one_line(e)}") from e
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise UsageError(f"--templates {path}: no templates; write one a line, with {{}}")
     for line in lines:

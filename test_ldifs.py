@@ -2995,6 +2995,8 @@ def test_templates_file_is_checked(tmp_path):
         ldifs.read_templates(tmp_path / "empty.txt")
     with pytest.raises(ldifs.UsageError, match="--templates"):
         ldifs.read_templates(tmp_path / "missing.txt")
+    (tmp_path / "bom.txt").write_text("a photo of a {}.\n", encoding="utf-8-sig")  # Notepad's
+    assert ldifs.read_templates(tmp_path / "bom.txt") == ("a photo of a {}.",)  # no \ufeff in it
     (tmp_path / "utf16.txt").write_text("a photo of a {}.\n", encoding="utf-16")  # Notepad's
     with pytest.raises(ldifs.UsageError, match="--templates .*utf16.txt: 'utf-8' codec can't"):
         ldifs.read_templates(tmp_path / "utf16.txt")
