@@ -1767,7 +1767,7 @@ def list_tasks(root):
 def resolve_args(args):
     """Fill the unset flags from the first task's recipe and check them, once; return the
     tasks to fine-tune on, in order."""
-    tasks = [get_task(name) for name in args.task.split(",")]
+    tasks = [get_task(name.strip()) for name in args.task.split(",")]  # "a, b" as in prose
     if args.templates:
         tasks = [dataclasses.replace(t, templates=read_templates(args.templates)) for t in tasks]
     names = [task.name for task in tasks]
@@ -1814,7 +1814,7 @@ def parse_eval_tasks(value, flag="--eval-tasks"):
     $EVAL) is refused: 'none' says it."""
     if value == "none":
         return []
-    names = [get_task(name).name for name in value.split(",") if name]
+    names = [get_task(name.strip()).name for name in value.split(",") if name.strip()]
     if not names:
         raise UsageError(f"{flag} {value!r} names no task; name some (a,b) or 'none'")
     return list(dict.fromkeys(names))

@@ -916,6 +916,15 @@ def test_an_empty_eval_task_list_is_refused_not_read_as_none(two_runs, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_task_lists_written_with_spaces_after_the_commas_are_read():
+    """`--task "svhn, cifar10"`, as lists are written in prose, stopped at "unknown task
+    ' cifar10'"."""
+    args = ldifs.parse_args(["--task=synthetic, synthetic-stripes", "--eval-tasks= mnist , svhn"])
+    tasks = ldifs.resolve_args(args)
+    assert [t.name for t in tasks] == ["synthetic", "synthetic-stripes"]
+    assert args.eval_tasks == ["mnist", "svhn"]
+
+
 def test_eval_tasks_named_twice_are_measured_once():
     args = ldifs.parse_args(
         ["--task=synthetic", "--eval-tasks=synthetic-stripes,mnist,synthetic-stripes"]
