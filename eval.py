@@ -287,8 +287,7 @@ def evaluate(args):
     for flag, path in outputs.items():  # after the checks: a refusal leaves no folder
         if path:  # one that cannot be made, or written in, fails now too
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(path.parent, os.W_OK | os.X_OK):
-                raise ldifs.UserError(f"{flag} {path}: cannot write in {path.parent}")
+            ldifs.check_writable(path.parent, f"{flag} {path}")
     if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
         torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)

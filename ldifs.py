@@ -1540,8 +1540,7 @@ def check_out(tasks, args):
     existing = next(path for path in (args.out, *args.out.parents) if path.exists())
     if not existing.is_dir():  # else mkdir fails, after the model and data have loaded
         raise UsageError(f"--out {args.out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):  # no permission, or a read-only mount
-        raise UserError(f"--out {args.out}: cannot write in {existing}")
+    check_writable(existing, f"--out {args.out}")
     found = run_files_in(args.out)
     if args.resume and not found:
         raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")
@@ -1557,6 +1556,13 @@ def check_out(tasks, args):
         raise UsageError(
             f"{args.out} holds another run ({', '.join(other)}); {hint}choose another --out"
         )
+
+
+def check_writable(folder, what):
+    """Refuse, before the work, a folder this user cannot write in (no permission, a read-only
+    mount): the write that ends the work would fail."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: cannot write in {folder}")
 
 
 def part_of_run(path, tasks, args):

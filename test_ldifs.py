@@ -764,17 +764,24 @@ def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     assert code == 0 and (tmp_path / "new/r.json").exists()
 
 
+def unwritable_folder(folder, monkeypatch):
+    """`folder`, made, and which os.access says this user cannot write in: root, which runs
+    these tests, may write anywhere."""
+    folder.mkdir()
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: Path(path) != folder and access(path, mode)
+    )
+    return folder
+
+
 def test_eval_refuses_a_json_file_in_a_folder_it_cannot_write_before_evaluating(
     two_runs, tmp_path, capsys, monkeypatch
 ):
     """The file was written after the whole evaluation, and before the table: both were
     lost. (Root may write anywhere, so the permission is faked.)"""
     monkeypatch.setattr(ldifs, "load_clip", lambda *_: pytest.fail("evaluated before the check"))
-    locked, access = tmp_path / "shared", os.access
-    locked.mkdir()
-    monkeypatch.setattr(
-        os, "access", lambda path, mode: Path(path) != locked and access(path, mode)
-    )
+    locked = unwritable_folder(tmp_path / "shared", monkeypatch)
     results = locked / "r.json"
     argv = [str(two_runs[0] / "lam0"), "--tasks", "none", "--json", str(results)]
     code, out, err = run_main(evaluation, argv, capsys)
@@ -2123,11 +2130,7 @@ def test_an_out_in_a_folder_this_user_cannot_write_is_refused_before_the_data_lo
     after the data had downloaded and the model had loaded. (Root may write anywhere, so
     the permission is faked; os.access is what the check asks.)"""
     monkeypatch.setattr(ldifs, "fetch_data", lambda *a: pytest.fail("the data was loaded"))
-    locked, access = tmp_path / "shared", os.access
-    locked.mkdir()
-    monkeypatch.setattr(
-        os, "access", lambda path, mode: Path(path) != locked and access(path, mode)
-    )
+    locked = unwritable_folder(tmp_path / "shared", monkeypatch)
     out = locked / "runs" / "x"
     code, _, err = run_main(ldifs, ["--task", "synthetic", "--out", str(out)], capsys)
     assert code == 1 and err.count("\n") == 1, err
