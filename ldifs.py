@@ -1523,9 +1523,17 @@ def restore(checkpoint, classifier, optimizer, stage):
     log = stage.out / "log.jsonl"
     if log.exists() and stage.rank == 0:
         lines = log.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= checkpoint["step"]]
+        kept = [line for line in lines if logged_step(line) <= checkpoint["step"]]
         log.write_text("".join(line + "\n" for line in kept))
     return checkpoint["step"], checkpoint["init_head"]
+
+
+def logged_step(line):
+    """A log line's step, or infinity for a line cut short (by a full disk, say): written
+    after the last checkpoint, it is dropped, and the resumed run writes it again."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return json.loads(line)["step"]
+    return math.inf
 
 
 def run_files_in(out):

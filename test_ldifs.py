@@ -1929,6 +1929,24 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, to_the_group):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_log_line_cut_short_by_a_kill_or_full_disk_is_dropped_on_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """A full disk (or a crash) mid-write leaves log.jsonl's last line cut short. It was
+    written after the last checkpoint, so the resumed run writes it again: the resume must
+    drop it, not stop with a JSONDecodeError traceback."""
+    flags = [*RESUME_FLAGS, "--workers", "0", "--log-every", "1", "--out", str(tmp_path)]
+    save = ldifs.save_checkpoint
+    monkeypatch.setattr(ldifs, "save_checkpoint", lambda *a: [save(*a), ctrl_c()])
+    assert run_main(ldifs, flags, capsys)[0] == 130
+    monkeypatch.undo()
+    with (tmp_path / "log.jsonl").open("a") as log:
+        log.write('{"step": 3, "lr": 0.0')
+    code, _, err = run_main(ldifs, [*flags, "--resume"], capsys)
+    assert code == 0, err
+    assert [line["step"] for line in read_log_at(tmp_path)] == list(range(1, 17))
+
+
 def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
     flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
 
