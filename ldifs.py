@@ -1524,7 +1524,7 @@ def restore(checkpoint, classifier, optimizer, stage):
     if log.exists() and stage.rank == 0:
         lines = log.read_text().splitlines()
         kept = [line for line in lines if logged_step(line) <= checkpoint["step"]]
-        log.write_text("".join(line + "\n" for line in kept))
+        atomic_write(log, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
     return checkpoint["step"], checkpoint["init_head"]
 
 
@@ -1599,7 +1599,7 @@ def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
         quick_gelu = needs_quick_gelu(args.model, args.pretrained)
         config["quick_gelu"] = config.get("quick_gelu") or quick_gelu
         both = {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}
-        (stage.out / "open_clip_config.json").write_text(json.dumps(both, indent=2))
+        write_json(both, stage.out / "open_clip_config.json")
     write_json(metrics, stage.out / "metrics.json")
 
 

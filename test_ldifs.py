@@ -1947,6 +1947,40 @@ def test_a_log_line_cut_short_by_a_kill_or_full_disk_is_dropped_on_resume(
     assert [line["step"] for line in read_log_at(tmp_path)] == list(range(1, 17))
 
 
+def cut_short_on_writing(name, monkeypatch):
+    """Ctrl-C halfway through writing a text file whose name starts with `name`."""
+    write_text = Path.write_text
+
+    def write_half(path, text, *args, **kwargs):
+        if not path.name.startswith(name):
+            return write_text(path, text, *args, **kwargs)
+        write_text(path, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+
+
+@pytest.mark.parametrize(
+    "name, logged", [("open_clip_config.json", range(1, 17)), ("log.jsonl", [1, 2])]
+)
+def test_a_run_killed_while_it_rewrites_a_file_keeps_the_file_whole(
+    tmp_path, capsys, monkeypatch, name, logged
+):
+    """The open_clip config is written at the end of a run, and log.jsonl is rewritten at
+    a resume (without the lines after the checkpoint): killed mid-write, neither may be left
+    half-written, the one for open_clip, the other with the log's earlier lines lost."""
+    flags = [*RESUME_FLAGS, "--workers", "0", "--log-every", "1", "--out", str(tmp_path)]
+    save = ldifs.save_checkpoint
+    monkeypatch.setattr(ldifs, "save_checkpoint", lambda *a: [save(*a), ctrl_c()])
+    assert run_main(ldifs, flags, capsys)[0] == 130
+    monkeypatch.undo()
+    cut_short_on_writing(name, monkeypatch)
+    assert run_main(ldifs, [*flags, "--resume"], capsys)[0] == 130
+    assert not (tmp_path / "open_clip_config.json").exists()
+    assert [line["step"] for line in read_log_at(tmp_path)] == list(logged)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, capsys, monkeypatch):
     flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
 
