@@ -1319,7 +1319,7 @@ TASKS = {
             epochs=35,
             load=torchvision_loader("StanfordCars", *TV_SPLITS),
             layout="stanford_cars/{cars_train,cars_test,devkit,cars_test_annos_withlabels.mat}",
-            source="by hand: torchvision's URL is dead; e.g. the Kaggle mirror of Stanford Cars",
+            source="a mirror, by hand (torchvision's URL is dead), e.g. Kaggle's Stanford Cars",
             split_sizes=(7330, 814, 8041),
         ),
         Task(
@@ -1381,7 +1381,7 @@ TASKS = {
             epochs=10,
             load=load_imagenet,
             layout="imagenet/{train,val}/<wnid>/*.JPEG",
-            source="by hand: image-net.org (ILSVRC2012), val sorted into wnid folders",
+            source="image-net.org, by hand (ILSVRC2012), val sorted into wnid folders",
             split_sizes=(1261167, 20000, 50000),
         ),
         Task(
@@ -1402,7 +1402,7 @@ TASKS = {
             epochs=15,
             load=load_resisc45,
             layout="resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,test}.txt)",
-            source="by hand: NWPU-RESISC45 (e.g. via torchgeo), with the standard split files",
+            source="NWPU-RESISC45, by hand (e.g. via torchgeo), with the standard split files",
             split_rule="train file minus a seeded 10% val; test file (else seeded 60/20/20)",
         ),
         Task(

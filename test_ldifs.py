@@ -1493,6 +1493,15 @@ def test_missing_data_is_one_line_naming_the_folder(tmp_path):
             ldifs.get_dataset("imagenet", "test", tmp_path, download=download)
 
 
+@pytest.mark.parametrize("name", ["cars", "imagenet", "resisc45"])
+def test_missing_data_of_a_task_fetched_by_hand_says_where_in_a_sentence(tmp_path, name):
+    """The line says "get it from <source>": it must read as English for by-hand tasks."""
+    with pytest.raises(ldifs.DataMissing) as e:
+        ldifs.get_dataset(name, "test", tmp_path, download=False)
+    where = str(e.value).split("; get it from ", 1)[1]
+    assert "by hand" in where and not where.startswith("by hand"), where
+
+
 def test_list_tasks_shows_every_task(capsys):
     code, out, _ = run_main(ldifs, ["--list-tasks", "--data-root", "/data"], capsys)
     assert code == 0
