@@ -285,9 +285,9 @@ def evaluate(args):
     if args.plot and not tasks:  # its x axis averages over them
         raise ldifs.UsageError("--plot needs an eval task whose data is there; name it in --tasks")
     for flag, path in outputs.items():  # after the checks: a refusal leaves no folder
-        if path:  # one that cannot be made, or written in, fails now too
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path:
             ldifs.check_writable(path.parent, f"{flag} {path}")
+            path.parent.mkdir(parents=True, exist_ok=True)
     if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
         torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)

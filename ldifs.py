@@ -1545,10 +1545,7 @@ def run_files_in(out):
 
 def check_out(tasks, args):
     """Without --resume, never overwrite a run; with it, there must be one, of these tasks."""
-    existing = next(path for path in (args.out, *args.out.parents) if path.exists())
-    if not existing.is_dir():  # else mkdir fails, after the model and data have loaded
-        raise UsageError(f"--out {args.out}: {existing} is a file, not a folder")
-    check_writable(existing, f"--out {args.out}")
+    check_writable(args.out, f"--out {args.out}")
     found = run_files_in(args.out)
     if args.resume and not found:
         raise UsageError(f"--resume: no run in {args.out}; run without --resume to start")
@@ -1567,10 +1564,14 @@ def check_out(tasks, args):
 
 
 def check_writable(folder, what):
-    """Refuse, before the work, a folder this user cannot write in (no permission, a read-only
-    mount): the write that ends the work would fail."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: cannot write in {folder}")
+    """Refuse, before the work, a `folder` that cannot be made or written in: the first of it
+    and its parents that exists is a file, or this user cannot write in it (no permission, a
+    read-only mount). The write that ends the work would fail."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: cannot write in {existing}")
 
 
 def part_of_run(path, tasks, args):

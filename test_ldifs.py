@@ -748,7 +748,10 @@ def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     for flags, message in [
         (["--wise-ft", "abc"], "--wise-ft: not comma-separated numbers: 'abc'"),
         (["--wise-ft", "0.5,2"], "--wise-ft: the weights must lie in [0, 1], got 0.5,2"),
-        (["--json", str(tmp_path / "file/results.json")], str(tmp_path / "file")),
+        (
+            ["--json", str(tmp_path / "file/results.json")],
+            f"--json {tmp_path}/file/results.json: {tmp_path}/file is a file, not a folder",
+        ),
         (["--json", str(tmp_path)], f"--json {tmp_path} is a folder; name a file"),
         (["--plot", str(tmp_path)], f"--plot {tmp_path} is a folder; name a file"),
         (["--eval-batch-size", "0"], "--eval-batch-size must be positive, got 0"),
