@@ -83,8 +83,11 @@ def load_run(path):
 
 
 def not_a_run(path):
-    """Why `path`, which has no metrics.json, is no run: a run killed before it finished (its
-    checkpoint, or its stages' folders, named k-task), the folder that holds runs, or neither."""
+    """Why `path`, which has no metrics.json, is no run: it is missing (a typo), a run killed
+    before it finished (its checkpoint, or its stages' folders, named k-task), the folder that
+    holds runs, or none of these."""
+    if not path.exists():
+        return f"no such folder: {path}"
     files = ldifs.run_files_in(path)
     if any(p.parent == path or p.parent.name.partition("-")[0].isdigit() for p in files):
         return f"{path} is an unfinished run: finish it with ldifs.py --resume (no metrics.json)"

@@ -607,6 +607,11 @@ def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "not a run directory" in result.stderr
 
 
+def test_eval_says_a_misspelt_run_path_does_not_exist(tmp_path, capsys):
+    code, _, err = run_main(evaluation, [str(tmp_path / "lamm10")], capsys)
+    assert code == 2 and f"no such folder: {tmp_path / 'lamm10'}" in err, err
+
+
 def test_eval_tells_an_unfinished_run_from_a_folder_that_is_no_run(tmp_path, capsys):
     """A run killed before it finished has checkpoints but no metrics.json: say so."""
     (tmp_path / "1-svhn").mkdir()
