@@ -822,6 +822,8 @@ def check_local_dir(name):
     """A local-dir: folder must hold open_clip's config and weights: without a weights file,
     open_clip builds random weights and only logs a warning."""
     folder = Path(name.split(":", 1)[1])
+    if not folder.is_dir():
+        raise UsageError(f"{name}: no such folder")
     if not (folder / "open_clip_config.json").is_file():
         stage = last_stage(folder)
         if stage:
@@ -1146,6 +1148,8 @@ def folder_task(name):
 def image_folder_classes(root):
     """The class folders of a folder:PATH task, after checking its layout."""
     where = f"folder:{root}"
+    if not root.is_dir():
+        raise UsageError(f"{where}: no such folder")
     missing = [s + "/" for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise UsageError(

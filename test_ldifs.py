@@ -728,7 +728,7 @@ def test_eval_skips_a_recorded_folder_task_whose_folder_is_gone(two_runs, tmp_pa
 @pytest.mark.parametrize(
     "task, message, exit_code",
     [
-        ("folder:{tmp}/moved", "run {run}: folder:{tmp}/moved: no train/ or test/ folder", 2),
+        ("folder:{tmp}/moved", "run {run}: folder:{tmp}/moved: no such folder", 2),
         ("eurosat", "run {run}: task 'eurosat': no data at {tmp}/eurosat", 1),
     ],
 )
@@ -2922,6 +2922,17 @@ def test_folder_task_bad_layouts_are_one_line_and_write_nothing(tmp_path, capsys
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not out.exists() and not cache.exists()
+
+
+@pytest.mark.parametrize("flag, prefix", [("--task", "folder:"), ("--model", "local-dir:")])
+def test_a_misspelt_folder_is_said_to_be_missing(tmp_path, capsys, flag, prefix):
+    """Not "no train/ or test/ folder" or "no open_clip_config.json in it", which send the
+    user to look inside a folder that is not there."""
+    missing = tmp_path / "leavs"
+    argv = ["--task", "synthetic", flag, f"{prefix}{missing}", "--out", str(tmp_path / "o")]
+    code, _, err = run_main(ldifs, argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{prefix}{missing}: no such folder" in err, err
 
 
 @pytest.mark.parametrize("path", ["..", "/", "a b/../c d", "x/y"])
