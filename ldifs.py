@@ -843,6 +843,7 @@ def last_stage(folder):
     return max(numbered, key=lambda stage: int(index(stage)), default=None)
 
 
+@functools.cache  # one load a run, however many zero-shot heads it builds
 def tokenizer_of(name):
     """open_clip's tokenizer of `name`. Hugging Face's need transformers, which the
     requirements leave out; check_model says so up front where the config is at hand."""
@@ -1975,6 +1976,8 @@ def run(args):
     torch.manual_seed(args.seed)
     clip, *transforms = load_clip(args.model, args.pretrained, args.device)
     taps = tap_names(clip.visual, args.taps)
+    if args.eval_tasks or args.head == "zs":  # an hf-hub: model's needs show once it loads
+        tokenizer_of(args.model)
     pretrained = frozen_copy(clip.visual)
     heads, matrix, main = {}, [], shard[0] == 0
     for k, task in enumerate(tasks):

@@ -2179,6 +2179,23 @@ def test_a_tokenizer_that_needs_a_missing_package_is_a_one_line_error(monkeypatc
         ldifs.tokenizer_of("hf-hub:x/y")
 
 
+def test_a_run_whose_tokenizer_cannot_load_stops_before_training(tmp_path, capsys, monkeypatch):
+    """An hf-hub: model's tokenizer needs are known only once its config is fetched, so
+    check_model cannot see them: without transformers, a run trained to its end and then
+    failed in the forgetting evaluation, the first use of the tokenizer."""
+
+    def get_tokenizer(name):  # as open_clip's HFTokenizer does without transformers
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    ldifs.tokenizer_of.cache_clear()  # a tokenizer an earlier test loaded would hide the check
+    monkeypatch.setattr(open_clip, "get_tokenizer", get_tokenizer)
+    monkeypatch.setattr(ldifs, "initial_head", lambda *a: pytest.fail("the run went on"))
+    flags = ["--task", "synthetic", "--workers", "0", "--out", str(tmp_path / "o")]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert "the tokenizer of ldifs-tiny needs transformers: pip install transformers" in err, err
+
+
 def test_an_out_that_is_or_is_under_a_file_is_refused_before_the_model_loads(
     tmp_path, capsys, monkeypatch
 ):
