@@ -74,7 +74,7 @@ def load_run(path):
             "ldifs.py; run it again"
         )
     try:
-        load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+        load = functools.partial(torch.load, map_location="cpu", weights_only=True, mmap=True)
         weights, head = load(path / "open_clip_pytorch_model.bin"), load(path / "head.pt")
         start = start_weights(path, metrics, load)
     except Exception as e:  # truncated, corrupt or foreign files
