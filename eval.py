@@ -34,8 +34,9 @@ def parse_args(argv=None):
     add("--json", type=ldifs.user_path, help="also write the results here")
     add("--plot", type=ldifs.user_path, help="also plot accuracy against forgetting: PNG, PDF...")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
-    data, cache = "as in ldifs.py ($LDIFS_DATA)", "as in ldifs.py ($LDIFS_CACHE)"
-    add("--data-root", type=ldifs.user_path, default=ldifs.DATA_ROOT, help=data)
+    data = "where the data is [the runs' own, else $LDIFS_DATA or ~/data, as in ldifs.py]"
+    cache = "as in ldifs.py ($LDIFS_CACHE)"
+    add("--data-root", type=ldifs.user_path, help=data)
     add("--cache-dir", type=ldifs.user_path, default=ldifs.CACHE_DIR, help=cache)
     add("--no-download", dest="download", action="store_false", help="never download data")
     add("--device", type=ldifs.pick_device, default="", help="torch device [cuda if available]")
@@ -80,6 +81,14 @@ def load_run(path):
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
     return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
+
+
+def resolve_data_root(args, runs):
+    """Fill an unset --data-root, once: the first run's own (ldifs.py records it), so eval.py
+    reads the data the runs were trained with rather than downloading it again elsewhere."""
+    recorded = [run["metrics"]["data_root"] for run in runs if "data_root" in run["metrics"]]
+    if args.data_root is None:
+        args.data_root = Path(recorded[0]) if recorded else ldifs.user_path(ldifs.DATA_ROOT)
 
 
 def not_a_run(path):
@@ -274,6 +283,7 @@ def markdown(rows, tasks):
 
 def evaluate(args):
     runs = [load_run(path) for path in args.runs]
+    resolve_data_root(args, runs)
     check_named_once(args.runs, runs)
     model, pretrained, seed = check_same_start(runs)
     alphas, outputs = args.wise_ft, {"--json": args.json, "--plot": args.plot}

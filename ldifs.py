@@ -2051,6 +2051,7 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
         if start_step == stage.total_steps:  # resumed only to evaluate: nothing was measured
             metrics.update(measured_before(stage.out))
         metrics.update(eval_tasks=args.eval_tasks, world_size=stage.world_size)
+        metrics.update(data_root=os.path.abspath(args.data_root))  # eval.py reads it there
         metrics.update(stage=stage.index, sequence=list(stage.sequence))
         save_outputs(clip, classifier, classnames, init_head, metrics, stage, args)  # nothing lost
         report(clip, classifier, pretrained, test_data, eval_transform, metrics, stage, args)

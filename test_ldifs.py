@@ -655,6 +655,36 @@ def test_eval_maps_the_runs_weights_rather_than_reading_them_all_into_memory(two
     assert float(loaded["weights"]["visual.big"].sum()) == 2**25  # it is all there
 
 
+def test_eval_reads_the_data_where_the_runs_were_trained_unless_told(
+    two_runs, tmp_path, capsys, monkeypatch
+):
+    """A run trained with --data-root /scratch/data, then `eval.py RUN`: eval.py looked in
+    ~/data, and downloaded every eval task there again (1.5 GB for the default seven)."""
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    run = copy_run(two_runs[0] / "lam0", tmp_path / "run", data_root=str(theirs))
+    roots, get_dataset = [], ldifs.get_dataset
+
+    def recording_root(task, split, root, *args, **kwargs):
+        roots.append(Path(root))
+        return get_dataset(task, split, root, *args, **kwargs)
+
+    monkeypatch.setattr(ldifs, "get_dataset", recording_root)
+    for typed, expected in [([], theirs), (["--data-root", str(mine)], mine)]:
+        roots.clear()
+        argv = [str(run), "--tasks", "synthetic-stripes", "--workers", "0", *typed]
+        code, _, err = run_main(evaluation, argv, capsys)
+        assert code == 0, err
+        assert roots and set(roots) == {expected}, roots
+
+
+def test_a_run_records_its_data_root_for_eval(tmp_path, capsys):
+    data = tmp_path / "data"
+    flags = ["--task", "synthetic", "--head", "zs", "--max-steps", "2", "--eval-tasks", "none"]
+    flags += ["--workers", "0", "--data-root", str(data), "--out", str(tmp_path / "o")]
+    assert run_main(ldifs, flags, capsys)[0] == 0
+    assert strict_json((tmp_path / "o/metrics.json").read_text())["data_root"] == str(data)
+
+
 def test_eval_refuses_runs_from_different_models(two_runs, tmp_path, capsys):
     root, _ = two_runs
     other = copy_run(root / "lam0", tmp_path / "other", model="ViT-S-32")
