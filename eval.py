@@ -85,10 +85,12 @@ def load_run(path):
 
 def resolve_data_root(args, runs):
     """Fill an unset --data-root, once: the first run's own (ldifs.py records it), so eval.py
-    reads the data the runs were trained with rather than downloading it again elsewhere."""
-    recorded = [run["metrics"]["data_root"] for run in runs if "data_root" in run["metrics"]]
+    reads the data the runs were trained with rather than downloading it again elsewhere;
+    ldifs.py's default for older runs and for runs copied from a machine that had it."""
+    recorded = runs[0]["metrics"].get("data_root") or ""
     if args.data_root is None:
-        args.data_root = Path(recorded[0]) if recorded else ldifs.user_path(ldifs.DATA_ROOT)
+        there = os.path.isdir(recorded)
+        args.data_root = Path(recorded) if there else ldifs.user_path(ldifs.DATA_ROOT)
 
 
 def not_a_run(path):

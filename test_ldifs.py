@@ -659,9 +659,12 @@ def test_eval_reads_the_data_where_the_runs_were_trained_unless_told(
     two_runs, tmp_path, capsys, monkeypatch
 ):
     """A run trained with --data-root /scratch/data, then `eval.py RUN`: eval.py looked in
-    ~/data, and downloaded every eval task there again (1.5 GB for the default seven)."""
+    ~/data, and downloaded every eval task there again (1.5 GB for the default seven). A
+    recorded folder that is not there (a run copied from another machine) is passed over."""
     theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    theirs.mkdir()
     run = copy_run(two_runs[0] / "lam0", tmp_path / "run", data_root=str(theirs))
+    elsewhere = copy_run(run, tmp_path / "copied", data_root=str(tmp_path / "gone"))
     roots, get_dataset = [], ldifs.get_dataset
 
     def recording_root(task, split, root, *args, **kwargs):
@@ -669,9 +672,14 @@ def test_eval_reads_the_data_where_the_runs_were_trained_unless_told(
         return get_dataset(task, split, root, *args, **kwargs)
 
     monkeypatch.setattr(ldifs, "get_dataset", recording_root)
-    for typed, expected in [([], theirs), (["--data-root", str(mine)], mine)]:
+    default = ldifs.user_path(ldifs.DATA_ROOT)
+    for path, typed, expected in [
+        (run, [], theirs),
+        (run, ["--data-root", str(mine)], mine),
+        (elsewhere, [], default),
+    ]:
         roots.clear()
-        argv = [str(run), "--tasks", "synthetic-stripes", "--workers", "0", *typed]
+        argv = [str(path), "--tasks", "synthetic-stripes", "--workers", "0", *typed]
         code, _, err = run_main(evaluation, argv, capsys)
         assert code == 0, err
         assert roots and set(roots) == {expected}, roots
