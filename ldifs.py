@@ -1168,6 +1168,10 @@ def image_folder_classes(root):
             images[split] += count
     if not classes:
         raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")
+    if len(classes) == 1:  # every head is right on one class: 100% having learnt nothing
+        raise UsageError(
+            f"{where}: one class ({classes[0]}) in train/; sort the images into train/<class>/"
+        )
     for split in ("val", "test"):
         if (root / split).is_dir() and not images[split]:
             raise UsageError(f"{where}: {split}/ holds no images in train/'s class folders")

@@ -2961,6 +2961,17 @@ def test_folder_task_reads_classes_labels_and_holds_out_val(tmp_path):
     assert len(ldifs.get_dataset(ldifs.folder_task(f"folder:{root}"), "train", tmp_path)) == 60
 
 
+def test_a_folder_task_with_one_class_is_refused(tmp_path, capsys):
+    """Images not sorted into class folders (train/images/*.jpg) make one class, which every
+    head gets right: a run that reports 100% and has learnt nothing."""
+    root = make_folder(tmp_path / "d", classes=("images",))
+    code, _, err = run_main(
+        ldifs, ["--task", f"folder:{root}", "--out", str(tmp_path / "o")], capsys
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert "one class (images) in train/; sort the images into train/<class>/" in err, err
+
+
 def test_folder_task_test_labels_follow_train_classes(tmp_path):
     root = make_folder(tmp_path / "d", counts={"train": 10})
     fake_image(root / "test/eel/0.jpg", 2)  # test lacks cat_a and dog_b: eel is still label 2
