@@ -382,7 +382,8 @@ def plot(rows, path, x_key):
     axes.set_title("Target accuracy against forgetting (lines: WiSE-FT)")
     axes.legend(loc="lower left")
     figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")  # the run labels may stick out
+    # bbox: the run labels may stick out; format: else a name without a suffix gets ".png"
+    figure.savefig(path, format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 

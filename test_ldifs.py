@@ -3382,6 +3382,19 @@ def test_eval_plots_target_accuracy_against_forgetting(two_runs, tmp_path):
     assert len(starts) == 2 and all(r["a_lp"] == rows[0]["a_lp"] for r in starts)
 
 
+def test_a_plot_file_without_a_suffix_is_written_where_named_as_png(tmp_path):
+    """matplotlib appends .png to a name without a suffix: --plot out/figure wrote
+    out/figure.png, and the user found no out/figure."""
+    pytest.importorskip("matplotlib")
+    rows = [
+        dict(run="r", label="FT", alpha=alpha, avg_delta_lp=-alpha / 10, target_accuracy=alpha)
+        for alpha in (0.0, 1.0)
+    ]
+    evaluation.plot(rows, tmp_path / "figure", "delta_lp")
+    assert [p.name for p in tmp_path.iterdir()] == ["figure"]
+    assert (tmp_path / "figure").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib_is_one_line(two_runs, tmp_path, capsys, monkeypatch):
     root, _ = two_runs
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
