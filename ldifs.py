@@ -760,8 +760,7 @@ def needs_quick_gelu(name, pretrained):
                 f"--pretrained {pretrained} has no open_clip_config.json beside it, so {name} "
                 f"is built with GELU; if these are OpenAI's weights, use {name}-quickgelu"
             )
-        config = json.loads(saved.read_text()) if saved.is_file() else {}
-        return bool(config.get("model_cfg", {}).get("quick_gelu"))
+        return bool(read_json_object(saved).get("model_cfg", {}).get("quick_gelu"))
     return bool(pretrained and (get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu"))
 
 
@@ -773,8 +772,8 @@ def load_clip(name, pretrained, device="cpu"):
     tag = None if pretrained == "none" or own_weights else pretrained
     # Weights that fail to load are an error: open_clip would go on with random ones, warning.
     required = bool(tag) or own_weights
+    quick_gelu = needs_quick_gelu(name, tag)
     try:
-        quick_gelu = needs_quick_gelu(name, tag)
         return open_clip.create_model_and_transforms(
             name, tag, device=device, force_quick_gelu=quick_gelu, require_pretrained=required
         )
@@ -1632,14 +1631,18 @@ def atomic_write(path, write):
 
 
 def read_metrics(out):
-    path = out / "metrics.json"
+    return read_json_object(out / "metrics.json")
+
+
+def read_json_object(path):
+    """The JSON object in `path`, {} if there is no such file, or one line if it holds none."""
     try:
-        metrics = json.loads(path.read_text()) if path.exists() else {}
+        value = json.loads(path.read_text()) if path.exists() else {}
     except ValueError as e:  # a run copied in part, or edited by hand
         raise UserError(f"cannot read {path}: {one_line(e)}; fix or delete it") from e
-    if not isinstance(metrics, dict):  # valid JSON, but no fields to read: [], null
+    if not isinstance(value, dict):  # valid JSON, but no fields to read: [], null
         raise UserError(f"cannot read {path}: not a JSON object; fix or delete it")
-    return metrics
+    return value
 
 
 def load_finished_stage(clip, stage, args):

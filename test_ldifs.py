@@ -1167,6 +1167,19 @@ def test_weights_a_run_saved_keep_quick_gelu_when_fine_tuned_again(tmp_path):
         assert ldifs.needs_quick_gelu("ViT-B-32", str(weights)) is quick_gelu
 
 
+def test_a_damaged_config_beside_a_weights_file_is_named_not_the_weights(tmp_path, capsys):
+    """A config cut short (older ldifs.py wrote it without atomic_write) was reported as
+    "could not read checkpoint <the weights>", sending the user to a good file."""
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({}, weights)
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {')
+    flags = ["--task", "synthetic", "--pretrained", str(weights), "--out", str(tmp_path / "o")]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"cannot read {tmp_path / 'open_clip_config.json'}: Expecting" in err, err
+    assert "fix or delete it" in err and "could not read checkpoint" not in err, err
+
+
 def test_a_weights_file_with_no_config_beside_it_warns_of_quick_gelu(tmp_path, capsys):
     """It may hold OpenAI's weights (say, downloaded by hand), which --model ViT-B-32 builds
     with GELU: no tag says QuickGELU, and open_clip says nothing."""
