@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import re
-import resource
 import signal
 import sys
 import tempfile
@@ -425,9 +424,14 @@ def other_rank():
 
 
 def peak_memory_mb(device):
-    """CUDA's peak allocated memory, or on the CPU the process's peak resident set."""
+    """CUDA's peak allocated memory, or on the CPU the process's peak resident set (None on
+    Windows, which lacks the `resource` module)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:
+        return None
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 2**20 if sys.platform == "darwin" else kib / 2**10  # macOS reports bytes
 

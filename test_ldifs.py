@@ -909,6 +909,18 @@ def test_imports_where_os_has_no_sched_getaffinity():
     assert int(result.stdout) == min(8, os.cpu_count())
 
 
+def test_ldifs_imports_and_runs_without_posix_resource_module_as_on_windows():
+    """Windows has no `resource` module, which gives the CPU's peak memory: importing it at
+    the top made ldifs.py fail to start there, for one figure in metrics.json."""
+    code = (
+        "import sys; sys.modules['resource'] = None; import torch, ldifs; "
+        "print(ldifs.peak_memory_mb(torch.device('cpu')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"
+
+
 def test_an_empty_data_or_cache_variable_is_unset_not_the_current_folder():
     """`export LDIFS_DATA=` means no choice: the defaults, not downloads into the current folder."""
     code = "import ldifs; print(ldifs.parse_args([]).data_root, ldifs.parse_args([]).cache_dir)"
