@@ -539,6 +539,8 @@ def weights_key(model, pretrained, seed):
         return {"model": model, "pretrained": pretrained, "seed": seed}
     if os.path.isfile(pretrained):
         pretrained = files_digest([pretrained])
+    else:  # as open_clip reads a tag: --pretrained OpenAI loads openai
+        pretrained = pretrained.lower().replace("-", "_")
     return {"model": model, "pretrained": pretrained}
 
 

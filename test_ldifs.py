@@ -1817,6 +1817,15 @@ def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
     assert ldifs.weights_key("m", "openai", 0) == ldifs.weights_key("m", "openai", 1)
 
 
+def test_spellings_of_one_tag_that_open_clip_accepts_are_one_key():
+    """open_clip reads tags case- and dash-blind, so --pretrained OpenAI loads openai: as two
+    keys, eval.py refused to compare such runs as "from different weights", and the feature
+    cache held the baseline twice."""
+    for spelling in ("OpenAI", "laion2b-s34b-b79k"):
+        canonical = spelling.lower().replace("-", "_")
+        assert ldifs.weights_key("m", spelling, 0) == ldifs.weights_key("m", canonical, 0)
+
+
 def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path, monkeypatch):
     """--model local-dir:PATH, e.g. a saved run: open_clip loads PATH's weights and ignores
     --pretrained, so the feature cache must track those files, and eval.py must find PATH
