@@ -87,8 +87,8 @@ def resolve_data_root(args, runs):
     """Fill an unset --data-root, once: the first run's own (ldifs.py records it), so eval.py
     reads the data the runs were trained with rather than downloading it again elsewhere;
     ldifs.py's default for older runs and for runs copied from a machine that had it."""
-    recorded = runs[0]["metrics"].get("data_root") or ""
     if args.data_root is None:
+        recorded = runs[0]["metrics"].get("data_root") or ""
         there = os.path.isdir(recorded)
         args.data_root = Path(recorded) if there else ldifs.user_path(ldifs.DATA_ROOT)
 
@@ -288,10 +288,12 @@ def evaluate(args):
     resolve_data_root(args, runs)
     check_named_once(args.runs, runs)
     model, pretrained, seed = check_same_start(runs)
-    alphas, outputs = args.wise_ft, {"--json": args.json, "--plot": args.plot}
+    alphas, named = args.wise_ft, [("--json", args.json), ("--plot", args.plot)]
+    outputs = {flag: path for flag, path in named if path}
     for flag, path in outputs.items():  # fail now, not after the evaluation
-        if path and path.is_dir():
+        if path.is_dir():
             raise ldifs.UsageError(f"{flag} {path} is a folder; name a file")
+        ldifs.check_writable(path.parent, f"{flag} {path}")
     if args.plot:  # the curves start at the pre-trained point: alpha 0 gives its target accuracy
         check_plot_format(args.plot)
         alphas = sorted(set(alphas) | {0.0})
@@ -299,10 +301,8 @@ def evaluate(args):
     tasks = eval_tasks(runs, args)
     if args.plot and not tasks:  # its x axis averages over them
         raise ldifs.UsageError("--plot needs an eval task whose data is there; name it in --tasks")
-    for flag, path in outputs.items():  # after the checks: a refusal leaves no folder
-        if path:
-            ldifs.check_writable(path.parent, f"{flag} {path}")
-            path.parent.mkdir(parents=True, exist_ok=True)
+    for path in outputs.values():  # after the checks: a refusal leaves no folder
+        path.parent.mkdir(parents=True, exist_ok=True)
     if seed is not None:  # random weights: draw the ones the runs started from, as ldifs.py did
         torch.manual_seed(seed)
     clip, _, transform = ldifs.load_clip(model, pretrained, args.device)
