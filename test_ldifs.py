@@ -2035,6 +2035,14 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, to_the_group):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def stop_at_first_checkpoint(flags, capsys, monkeypatch):
+    """Run ldifs.py in this process and stop it with Ctrl-C once its first checkpoint is saved."""
+    save = ldifs.save_checkpoint
+    monkeypatch.setattr(ldifs, "save_checkpoint", lambda *a: [save(*a), ctrl_c()])
+    assert run_main(ldifs, flags, capsys)[0] == 130
+    monkeypatch.undo()
+
+
 def test_a_log_line_cut_short_by_a_kill_or_full_disk_is_dropped_on_resume(
     tmp_path, capsys, monkeypatch
 ):
@@ -2042,10 +2050,7 @@ def test_a_log_line_cut_short_by_a_kill_or_full_disk_is_dropped_on_resume(
     written after the last checkpoint, so the resumed run writes it again: the resume must
     drop it, not stop with a JSONDecodeError traceback."""
     flags = [*RESUME_FLAGS, "--workers", "0", "--log-every", "1", "--out", str(tmp_path)]
-    save = ldifs.save_checkpoint
-    monkeypatch.setattr(ldifs, "save_checkpoint", lambda *a: [save(*a), ctrl_c()])
-    assert run_main(ldifs, flags, capsys)[0] == 130
-    monkeypatch.undo()
+    stop_at_first_checkpoint(flags, capsys, monkeypatch)
     with (tmp_path / "log.jsonl").open("a") as log:
         log.write('{"step": 3, "lr": 0.0')
     code, _, err = run_main(ldifs, [*flags, "--resume"], capsys)
@@ -2076,10 +2081,7 @@ def test_a_run_killed_while_it_rewrites_a_file_keeps_the_file_whole(
     a resume (without the lines after the checkpoint): killed mid-write, neither may be left
     half-written, the one for open_clip, the other with the log's earlier lines lost."""
     flags = [*RESUME_FLAGS, "--workers", "0", "--log-every", "1", "--out", str(tmp_path)]
-    save = ldifs.save_checkpoint
-    monkeypatch.setattr(ldifs, "save_checkpoint", lambda *a: [save(*a), ctrl_c()])
-    assert run_main(ldifs, flags, capsys)[0] == 130
-    monkeypatch.undo()
+    stop_at_first_checkpoint(flags, capsys, monkeypatch)
     cut_short_on_writing(name, monkeypatch)
     assert run_main(ldifs, [*flags, "--resume"], capsys)[0] == 130
     assert not (tmp_path / "open_clip_config.json").exists()
