@@ -94,11 +94,13 @@ def resolve_data_root(args, runs):
 
 
 def not_a_run(path):
-    """Why `path`, which has no metrics.json, is no run: it is missing (a typo), a run killed
-    before it finished (its checkpoint, or its stages' folders, named k-task), the folder that
-    holds runs, or none of these."""
+    """Why `path`, which has no metrics.json, is no run: it is missing (a typo), a file, a run
+    killed before it finished (its checkpoint, or its stages' folders, named k-task), the folder
+    that holds runs, or none of these."""
     if not path.exists():
         return f"no such folder: {path}"
+    if path.is_file():  # a run's metrics.json, or a file that runs/* caught
+        return f"{path} is a file, not a run directory of ldifs.py"
     files = ldifs.run_files_in(path)
     if any(p.parent == path or p.parent.name.partition("-")[0].isdigit() for p in files):
         return f"{path} is an unfinished run: finish it with ldifs.py --resume (no metrics.json)"

@@ -612,6 +612,14 @@ def test_eval_says_a_misspelt_run_path_does_not_exist(tmp_path, capsys):
     assert code == 2 and f"no such folder: {tmp_path / 'lamm10'}" in err, err
 
 
+def test_eval_says_a_file_named_as_a_run_is_a_file(tmp_path, capsys):
+    """A run's metrics.json, or a file that `runs/*` caught, was called a folder with no
+    metrics.json in it."""
+    (tmp_path / "metrics.json").write_text("{}")
+    code, _, err = run_main(evaluation, [str(tmp_path / "metrics.json")], capsys)
+    assert code == 2 and f"{tmp_path / 'metrics.json'} is a file, not a run directory" in err, err
+
+
 def test_eval_tells_an_unfinished_run_from_a_folder_that_is_no_run(tmp_path, capsys):
     """A run killed before it finished has checkpoints but no metrics.json: say so."""
     (tmp_path / "1-svhn").mkdir()
