@@ -30,7 +30,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("runs", nargs="+", type=ldifs.user_path, help="run directories written by ldifs.py")
     add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
-    add("--wise-ft", type=mixing_weights, default="", help="WiSE-FT weights alpha, e.g. 0.25,0.5")
+    add("--wise-ft", type=mixing_weights, default=[], help="WiSE-FT weights alpha, e.g. 0.25,0.5")
     add("--json", type=ldifs.user_path, help="also write the results here")
     add("--plot", type=ldifs.user_path, help="also plot accuracy against forgetting: PNG, PDF...")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
@@ -55,6 +55,8 @@ def mixing_weights(text):
         alphas = [float(a) for a in text.split(",") if a]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+    if not alphas:  # --wise-ft "$ALPHAS" with ALPHAS unset: not a silent run without WiSE-FT
+        raise argparse.ArgumentTypeError("names no weight; e.g. 0.25,0.5")
     if any(not 0 <= a <= 1 for a in alphas):
         raise argparse.ArgumentTypeError(f"the weights must lie in [0, 1], got {text}")
     return alphas

@@ -816,6 +816,7 @@ def test_eval_flags_fail_before_any_evaluation(two_runs, tmp_path, capsys):
     for flags, message in [
         (["--wise-ft", "abc"], "--wise-ft: not comma-separated numbers: 'abc'"),
         (["--wise-ft", "0.5,2"], "--wise-ft: the weights must lie in [0, 1], got 0.5,2"),
+        (["--wise-ft", ","], "--wise-ft: names no weight; e.g. 0.25,0.5"),
         (
             ["--json", str(tmp_path / "file/results.json")],
             f"--json {tmp_path}/file/results.json: {tmp_path}/file is a file, not a folder",
