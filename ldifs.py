@@ -954,7 +954,8 @@ class Samples(Dataset):
 def image_files(folder):
     """The images anywhere under `folder`, sorted."""
     extensions = torchvision.datasets.folder.IMG_EXTENSIONS
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in extensions)
+    paths = Path(folder).rglob("*")
+    return sorted(p for p in paths if p.suffix.lower() in extensions and visible(p, folder))
 
 
 def folder_samples(folder, classes):
@@ -967,7 +968,13 @@ def folder_samples(folder, classes):
 
 
 def subfolders(path):
-    return sorted(d.name for d in Path(path).iterdir() if d.is_dir())
+    return sorted(d.name for d in Path(path).iterdir() if d.is_dir() and visible(d, path))
+
+
+def visible(path, under):
+    """False for what is hidden below `under`: macOS's ._* twins of images, which are no
+    images, and folders such as .ipynb_checkpoints/, which are no classes."""
+    return not any(part.startswith(".") for part in path.relative_to(under).parts)
 
 
 def require(path):
@@ -1162,11 +1169,13 @@ def image_folder_classes(root):
             f"{where}: no {' or '.join(missing)} folder; expected {root}/train/"
             f"<class>/* and {root}/test/<class>/* (ImageFolder layout)"
         )
-    classes, images = subfolders(root / "train"), dict.fromkeys(("train", "val", "test"), 0)
+    splits = [s for s in ("train", "val", "test") if (root / s).is_dir()]
+    classes, images = subfolders(root / "train"), dict.fromkeys(splits, 0)
     for split in images:
-        for folder in sorted(d for d in (root / split).glob("*") if d.is_dir()):
-            if folder.name not in classes:
-                raise UsageError(f"{where}: class {folder.name!r} is in {split}/ but not in train/")
+        for name in subfolders(root / split):
+            if name not in classes:
+                raise UsageError(f"{where}: class {name!r} is in {split}/ but not in train/")
+            folder = root / split / name
             count = len(image_files(folder))
             if not count:
                 raise UsageError(f"{where}: class folder {folder} holds no images")
@@ -1177,8 +1186,8 @@ def image_folder_classes(root):
         raise UsageError(
             f"{where}: one class ({classes[0]}) in train/; sort the images into train/<class>/"
         )
-    for split in ("val", "test"):
-        if (root / split).is_dir() and not images[split]:
+    for split, count in images.items():  # train's count is not 0: it has classes
+        if not count:
             raise UsageError(f"{where}: {split}/ holds no images in train/'s class folders")
     if not (root / "val").is_dir() and not seeded_split(images["train"], "val"):  # probes need it
         raise UsageError(

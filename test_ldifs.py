@@ -3006,6 +3006,19 @@ def test_folder_task_reads_classes_labels_and_holds_out_val(tmp_path):
     assert len(ldifs.get_dataset(ldifs.folder_task(f"folder:{root}"), "train", tmp_path)) == 60
 
 
+def test_folder_task_skips_hidden_files_and_folders(tmp_path):
+    """A folder copied from macOS holds ._* twins of its images, which are no images, and a
+    notebook leaves .ipynb_checkpoints/ folders, which are no classes."""
+    root = make_folder(tmp_path / "d")
+    for split in ("train", "test"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+    (root / "train/cat_a/._0.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(4000))
+    fake_image(root / "train/eel/.thumbnails/0.jpg", 0)  # a label the pixels would contradict
+    task = ldifs.get_task(f"folder:{root}")
+    assert task.classnames == ("cat a", "dog b", "eel")
+    assert_splits(task, tmp_path, {"train": 54, "val": 6, "test": 12})
+
+
 def test_a_folder_task_with_one_class_is_refused(tmp_path, capsys):
     """Images not sorted into class folders (train/images/*.jpg) make one class, which every
     head gets right: a run that reports 100% and has learnt nothing."""
