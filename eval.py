@@ -386,8 +386,9 @@ def plot(rows, path, x_key):
     axes.set_title("Target accuracy against forgetting (lines: WiSE-FT)")
     axes.legend(loc="lower left")
     figure.tight_layout()
-    # bbox: the run labels may stick out; format: else a name without a suffix gets ".png"
-    figure.savefig(path, format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight")
+    # bbox: the run labels may stick out; format: the name's, not the temporary file's (.tmp)
+    options = dict(format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight")
+    ldifs.atomic_write(path, lambda tmp: figure.savefig(tmp, **options))
     plt.close(figure)
 
 

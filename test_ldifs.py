@@ -3453,6 +3453,24 @@ def test_a_plot_file_without_a_suffix_is_written_where_named_as_png(tmp_path):
     assert (tmp_path / "figure").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_plot_cut_short_by_ctrl_c_leaves_the_old_picture_whole(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def write_half(figure, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", write_half)
+    picture = tmp_path / "p.png"
+    picture.write_bytes(b"the old picture")
+    rows = [dict(run="r", label="FT", alpha=a, avg_delta_lp=0.0, target_accuracy=a) for a in (0, 1)]
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.plot(rows, picture, "delta_lp")
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    assert picture.read_bytes() == b"the old picture"
+
+
 def test_plot_without_matplotlib_is_one_line(two_runs, tmp_path, capsys, monkeypatch):
     root, _ = two_runs
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
