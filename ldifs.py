@@ -541,6 +541,8 @@ def weights_key(model, pretrained, seed):
         pretrained = files_digest([pretrained])
     else:  # as open_clip reads a tag: --pretrained OpenAI loads openai
         pretrained = pretrained.lower().replace("-", "_")
+        if needs_quick_gelu(model.removesuffix("-quickgelu"), pretrained):  # load_clip forces it
+            model = model.removesuffix("-quickgelu")
     return {"model": model, "pretrained": pretrained}
 
 

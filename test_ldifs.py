@@ -1835,6 +1835,15 @@ def test_spellings_of_one_tag_that_open_clip_accepts_are_one_key():
         assert ldifs.weights_key("m", spelling, 0) == ldifs.weights_key("m", canonical, 0)
 
 
+def test_a_quickgelu_name_for_weights_built_with_quickgelu_anyway_is_one_key():
+    """ldifs.py builds ViT-B-32 on OpenAI's (or MetaCLIP's) weights with QuickGELU: the network
+    that ViT-B-32-quickgelu names. As two keys, eval.py refused to compare such runs. GELU
+    weights, and random ones, are two networks."""
+    for tag, same in [("openai", 1), ("metaclip_400m", 1), ("laion2b_s34b_b79k", 0), ("none", 0)]:
+        quick = ldifs.weights_key("ViT-B-32-quickgelu", tag, 0)
+        assert (quick == ldifs.weights_key("ViT-B-32", tag, 0)) == same, tag
+
+
 def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path, monkeypatch):
     """--model local-dir:PATH, e.g. a saved run: open_clip loads PATH's weights and ignores
     --pretrained, so the feature cache must track those files, and eval.py must find PATH
