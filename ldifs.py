@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -1588,6 +1589,29 @@ def check_out(tasks, args):
         )
 
 
+@contextlib.contextmanager
+def holding(out):
+    """Hold --out while this process works in it: the same command started twice (in another
+    terminal, or a requeued job whose first copy still runs) would train over one run's
+    files. A POSIX lock, which the OS lets go when the process ends, however it ends, and
+    which forked loader workers do not inherit."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a") as lock:
+        try:
+            import fcntl  # POSIX: runs on Windows go unlocked
+
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
+        except OSError as e:  # else a file system without locks: unlocked
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise UsageError(
+                    f"{out} is in use by another ldifs.py; wait for it to end, or choose "
+                    "another --out"
+                ) from None
+        yield
+
+
 def check_writable(folder, what):
     """Refuse, before the work, a `folder` that cannot be made or written in: the first of it
     and its parents that exists is a file, or this user cannot write in it (no permission, a
@@ -2004,18 +2028,20 @@ def run(args):
         tokenizer_of(args.model)
     pretrained = frozen_copy(clip.visual)
     heads, matrix, main = {}, [], shard[0] == 0
-    for k, task in enumerate(tasks):
-        stage = plan_stage(k, tasks, len(data[task.name][0]), taps, shard, args)
-        previous = k > 0 and args.reference == "previous"
-        reference = frozen_copy(clip.visual) if previous else pretrained
-        heads[task.name] = finetune(
-            clip, reference, pretrained, data[task.name], transforms, stage, args
-        )
+    with holding(args.out) if main else contextlib.nullcontext():
+        check_out(tasks, args)  # again, held: a run on --out may have ended while this loaded
+        for k, task in enumerate(tasks):
+            stage = plan_stage(k, tasks, len(data[task.name][0]), taps, shard, args)
+            previous = k > 0 and args.reference == "previous"
+            reference = frozen_copy(clip.visual) if previous else pretrained
+            heads[task.name] = finetune(
+                clip, reference, pretrained, data[task.name], transforms, stage, args
+            )
+            if len(tasks) > 1 and main:
+                seen, test = tasks[: k + 1], transforms[1]
+                matrix.append(seen_task_accuracies(clip.visual, seen, heads, data, test, args))
         if len(tasks) > 1 and main:
-            seen = tasks[: k + 1]
-            matrix.append(seen_task_accuracies(clip.visual, seen, heads, data, transforms[1], args))
-    if len(tasks) > 1 and main:
-        summarise_sequence(tasks, matrix, args)
+            summarise_sequence(tasks, matrix, args)
 
 
 def fetch_data(tasks, rank, args):

@@ -2061,6 +2061,46 @@ def stop_at_first_checkpoint(flags, capsys, monkeypatch):
     monkeypatch.undo()
 
 
+LOCK = (
+    "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+)
+
+
+def held_by_a_run(out):
+    """Whether another process holds --out: this one, or any other, cannot lock it now."""
+    return subprocess.run([sys.executable, "-c", LOCK, str(out / ".lock")]).returncode != 0
+
+
+def test_a_run_holds_its_out_folder_and_a_second_run_on_it_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    """The same command started twice (in another terminal, or a requeued job whose first
+    copy still runs) passed the check for a run in --out until the first checkpoint, and
+    the two trained over each other's files."""
+    out, held = tmp_path / "run", []
+    save = ldifs.save_checkpoint
+    holding = lambda *a: [held.append(held_by_a_run(out)), save(*a)]  # noqa: E731
+    monkeypatch.setattr(ldifs, "save_checkpoint", holding)
+    flags = [*RESUME_FLAGS, "--workers", "0", "--out"]
+    assert run_main(ldifs, [*flags, str(out)], capsys)[0] == 0
+    assert held and all(held) and not held_by_a_run(out)  # held while it trained, then let go
+    other = tmp_path / "other"
+    other.mkdir()
+    hold = f"{LOCK}; print(flush=True); sys.stdin.read()"  # as the first copy would, till told
+    first = subprocess.Popen(
+        [sys.executable, "-c", hold, str(other / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    first.stdout.readline()
+    code, _, err = run_main(ldifs, [*flags, str(other)], capsys)
+    first.communicate("")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{other} is in use by another ldifs.py; wait for it to end, or choose" in err, err
+    assert [p.name for p in other.iterdir()] == [".lock"]
+
+
 def test_a_log_line_cut_short_by_a_kill_or_full_disk_is_dropped_on_resume(
     tmp_path, capsys, monkeypatch
 ):
