@@ -1792,7 +1792,8 @@ def parse_args(argv=None):
     model = "open_clip model, hf-hub:org/repo or local-dir:PATH [ViT-B-32]"
     add("--model", type=model_name, help=model)
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
-    add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
+    taps = "comma-separated tower submodules LDIFS compares [the tower's default]"
+    add("--taps", type=tap_list, help=taps)
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
     add("--templates", type=user_path, help="prompt templates file, one a line with {} [task's]")
     where = "where data is read and downloaded ($LDIFS_DATA)"
@@ -1945,6 +1946,13 @@ def user_path(text):
     if not text:
         raise argparse.ArgumentTypeError("an empty path")
     return Path(text).expanduser()
+
+
+def tap_list(text):
+    """--taps: an empty list ("$TAPS" unset) would silently mean the tower's default."""
+    if not text.replace(",", "").strip():
+        raise argparse.ArgumentTypeError("names no submodule; name some (a,b), or leave it out")
+    return text
 
 
 def model_name(text):

@@ -1120,7 +1120,8 @@ def test_an_empty_path_or_prefix_is_refused_not_read_as_the_current_folder(
     capsys, tmp_path, monkeypatch
 ):
     """`--out "$OUT"`, `folder:$DATA` or `local-dir:$RUN` in a script with the variable unset
-    read the current folder; an empty hf-hub: said "check your connection"."""
+    read the current folder; an empty hf-hub: said "check your connection"; an empty --taps
+    meant the default taps."""
     monkeypatch.chdir(tmp_path)
     short = ["--task", "synthetic", *ONE_SHORT_STEP]
     empty = "an empty path"
@@ -1129,6 +1130,7 @@ def test_an_empty_path_or_prefix_is_refused_not_read_as_the_current_folder(
         (ldifs, [*short, "--templates", ""], f"argument --templates: {empty}"),
         (ldifs, [*short, "--data-root", ""], f"argument --data-root: {empty}"),  # downloads here
         (ldifs, [*short, "--cache-dir", ""], f"argument --cache-dir: {empty}"),
+        (ldifs, [*short, "--taps", ""], "argument --taps: names no submodule; name some (a,b)"),
         (evaluation, ["", "--tasks", "none"], f"argument runs: {empty}"),
         (evaluation, ["run", "--json", ""], f"argument --json: {empty}"),
         (evaluation, ["run", "--data-root", ""], f"argument --data-root: {empty}"),
