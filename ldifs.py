@@ -1544,8 +1544,9 @@ def restore(checkpoint, classifier, optimizer, stage):
     classifier.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())
-    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
+    if checkpoint["rng"]["cuda"] and torch.cuda.is_available():  # GPUs not here are dropped
+        states = checkpoint["rng"]["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([state.cpu() for state in states])
     log = stage.out / "log.jsonl"
     if log.exists() and stage.rank == 0:
         lines = log.read_text().splitlines()

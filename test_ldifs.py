@@ -2063,6 +2063,24 @@ def stop_at_first_checkpoint(flags, capsys, monkeypatch):
     monkeypatch.undo()
 
 
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_fewer(tmp_path, monkeypatch):
+    """Rank 0 saves the RNG state of every GPU it sees, and torch sets them by position: the
+    checkpoint of an 8-GPU node raised IndexError on a 1-GPU machine. The states of GPUs
+    that are not there are dropped."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    classifier = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(classifier.parameters())
+    states = [torch.full((8,), gpu, dtype=torch.uint8) for gpu in range(8)]
+    checkpoint = dict(model=classifier.state_dict(), optimizer=optimizer.state_dict(), step=3)
+    checkpoint.update(init_head=None, rng={"cpu": torch.get_rng_state(), "cuda": states})
+    stage = types.SimpleNamespace(out=tmp_path, rank=1)
+    assert ldifs.restore(checkpoint, classifier, optimizer, stage) == (3, None)
+    assert len(restored) == 1 and torch.equal(restored[0], states[0])
+
+
 LOCK = (
     "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"
 )
