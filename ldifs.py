@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.nn as nn
@@ -534,8 +535,8 @@ def weights_key(model, pretrained, seed):
     if model.startswith("local-dir:"):  # open_clip loads the folder's files, not `pretrained`
         files = sorted(p for p in Path(model.split(":", 1)[1]).iterdir() if p.is_file())
         return {"model": model, "files": files_digest(files)}
-    if model.startswith("hf-hub:"):  # the repo's weights, not `pretrained`
-        return {"model": model}
+    if model.startswith("hf-hub:"):  # the repo's weights, not `pretrained`: those fetched
+        return {"model": model, "files": files_digest(hub_files(model.split(":", 1)[1]))}
     if pretrained == "none":
         return {"model": model, "pretrained": pretrained, "seed": seed}
     if os.path.isfile(pretrained):
@@ -545,6 +546,12 @@ def weights_key(model, pretrained, seed):
         if needs_quick_gelu(model.removesuffix("-quickgelu"), pretrained):  # load_clip forces it
             model = model.removesuffix("-quickgelu")
     return {"model": model, "pretrained": pretrained}
+
+
+def hub_files(repo):
+    """The files of the Hugging Face repo's revision that open_clip last fetched, if any."""
+    config = huggingface_hub.try_to_load_from_cache(repo, "open_clip_config.json")
+    return sorted(Path(config).parent.iterdir()) if isinstance(config, str) else []
 
 
 def files_digest(paths):

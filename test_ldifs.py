@@ -1846,6 +1846,34 @@ def test_a_quickgelu_name_for_weights_built_with_quickgelu_anyway_is_one_key():
         assert (quick == ldifs.weights_key("ViT-B-32", tag, 0)) == same, tag
 
 
+def test_an_hf_hub_model_is_keyed_by_the_weights_open_clip_fetched(tmp_path, monkeypatch):
+    """Keyed by its name alone, a repo whose owner pushed new weights reused the old weights'
+    cached features: a silently wrong baseline. The key follows the files' contents."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--clip"
+
+    def fetched(commit, weights):  # as hf_hub_download lays out what it fetches
+        snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+        snapshot.mkdir(parents=True)
+        blobs.mkdir(exist_ok=True)
+        for name, text in [
+            ("open_clip_config.json", "{}"),
+            ("open_clip_model.safetensors", weights),
+        ]:
+            if not (blobs / text).exists():  # named by their content's hash: fetched once
+                (blobs / text).write_text(text)
+            (snapshot / name).symlink_to(Path("../../blobs") / text)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return ldifs.weights_key("hf-hub:org/clip", "none", 0)
+
+    first = fetched("c1", "weights")
+    assert fetched("c2", "weights") == first  # a new commit that left the weights as they were
+    assert fetched("c3", "new weights") != first
+
+
 def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path, monkeypatch):
     """--model local-dir:PATH, e.g. a saved run: open_clip loads PATH's weights and ignores
     --pretrained, so the feature cache must track those files, and eval.py must find PATH
@@ -1867,14 +1895,15 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
         ldifs.resolve_args(args)
 
 
-def test_an_hf_hub_model_records_no_tag_and_is_keyed_by_its_name(monkeypatch):
+def test_an_hf_hub_model_records_no_tag_and_its_key_ignores_tag_and_seed(monkeypatch):
     """open_clip loads an hf-hub: repo's own weights and ignores --pretrained: a run must not
     record the recipe's 'openai', nor the seed tell two runs from one repo apart."""
     args = ldifs.parse_args(["--task", "eurosat", "--model", "hf-hub:org/repo"])
     ldifs.resolve_args(args)
     assert args.pretrained == "none"
     key = ldifs.weights_key("hf-hub:org/repo", "none", 0)
-    assert key == ldifs.weights_key("hf-hub:org/repo", "openai", 1) == {"model": "hf-hub:org/repo"}
+    assert key == ldifs.weights_key("hf-hub:org/repo", "openai", 1)
+    assert key["model"] == "hf-hub:org/repo" and "pretrained" not in key and "seed" not in key
 
 
 def test_a_local_dir_of_a_continual_run_names_one_of_its_stages(tmp_path, capsys):
