@@ -26,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import errno
 import functools
 import hashlib
 import importlib.util
@@ -1106,7 +1105,8 @@ def get_dataset(task, split, root, transform=None, download=True):
     task = get_task(task) if isinstance(task, str) else task
     root = os.path.expanduser(root)
     try:
-        data = task.load(root, split, download and task.downloads)
+        with fetching(task, root) if download and task.downloads else contextlib.nullcontext():
+            data = task.load(root, split, download and task.downloads)
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download) from e
     whole = dict(zip(("train", "val", "test"), task.split_sizes, strict=False))
@@ -1116,6 +1116,14 @@ def get_dataset(task, split, root, transform=None, download=True):
             f"{whole[split]}: unpacked in part? delete it to download it again"
         )
     return Transformed(data, transform) if transform else data
+
+
+def fetching(task, root):
+    """One process at a time fetches a task into `root`: runs started together (a sweep over
+    --lam) downloaded into one file at once, and read folders another was still unpacking."""
+    os.makedirs(root, exist_ok=True)
+    waiting = f"{task.name}: waiting for another process to fetch it into {root}"
+    return locked(Path(root) / f".{task.name}.lock", functools.partial(warn_once, waiting))
 
 
 def data_missing(task, root, error, download):
@@ -1597,26 +1605,37 @@ def check_out(tasks, args):
         )
 
 
-@contextlib.contextmanager
 def holding(out):
     """Hold --out while this process works in it: the same command started twice (in another
     terminal, or a requeued job whose first copy still runs) would train over one run's
-    files. A POSIX lock, which the OS lets go when the process ends, however it ends, and
-    which forked loader workers do not inherit."""
+    files."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "a") as lock:
-        try:
-            import fcntl  # POSIX: runs on Windows go unlocked
+    return locked(out / ".lock", functools.partial(in_use, out))
 
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError as e:  # else a file system without locks: unlocked
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise UsageError(
-                    f"{out} is in use by another ldifs.py; wait for it to end, or choose "
-                    "another --out"
-                ) from None
+
+def in_use(out):
+    raise UsageError(
+        f"{out} is in use by another ldifs.py; wait for it to end, or choose another --out"
+    )
+
+
+@contextlib.contextmanager
+def locked(path, when_held):
+    """Hold a POSIX lock on the file `path` for the block: the OS lets go when the process
+    ends, however it ends, and forked loader workers do not inherit it. If another process
+    holds it, when_held() raises (to refuse) or returns (to wait). Where there are no such
+    locks (Windows, a network file system without them), or where `path` cannot be written
+    (a data folder this user may only read), the block runs unlocked."""
+    with contextlib.ExitStack() as held:
+        with contextlib.suppress(ImportError, OSError):
+            import fcntl
+
+            file = held.enter_context(open(path, "a"))
+            try:
+                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
+                when_held()
+                fcntl.lockf(file, fcntl.LOCK_EX)
         yield
 
 

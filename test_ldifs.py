@@ -2150,6 +2150,42 @@ def test_a_run_holds_its_out_folder_and_a_second_run_on_it_is_refused(
     assert [p.name for p in other.iterdir()] == [".lock"]
 
 
+def downloaded_task(load):
+    """A task that torchvision downloads, as far as ldifs.py can tell, read by `load`."""
+    fake = "torchvision.datasets.Fake"
+    return ldifs.Task(
+        name="fake", templates=("{}",), epochs=1, num_classes=2, load=load, source=fake
+    )
+
+
+def test_runs_started_together_fetch_a_task_one_at_a_time(tmp_path, capsys):
+    """A sweep started at once (`for lam in 0 10; do python ldifs.py ... & done`) downloaded
+    into one file from every run, and a run could read the folder another was still
+    unpacking: torchvision takes any EuroSAT folder for the whole dataset."""
+    unpacked, seen = tmp_path / "unpacked", []
+    task = downloaded_task(lambda root, split, download: seen.append(unpacked.exists()) or [])
+    fetch = f"{LOCK}; print(flush=True); import time; time.sleep(1); open(sys.argv[2], 'w')"
+    lock = tmp_path / ".fake.lock"
+    first = subprocess.Popen(
+        [sys.executable, "-c", fetch, str(lock), str(unpacked)], stdout=subprocess.PIPE
+    )
+    first.stdout.readline()  # it holds the lock, and unpacks for a second
+    ldifs.get_dataset(task, "test", tmp_path)
+    first.wait()
+    assert seen == [True]  # read once the other process had unpacked it
+    err = capsys.readouterr().err
+    assert f"fake: waiting for another process to fetch it into {tmp_path}" in err, err
+
+
+def test_a_data_root_this_user_may_only_read_still_serves_its_data(tmp_path):
+    """A shared, read-only dataset folder holds the data and cannot hold a lock file. (Tests
+    run as root, whom permissions do not stop: a folder where the lock file would go fails
+    to open as such a folder does.)"""
+    (tmp_path / ".fake.lock").mkdir()
+    task = downloaded_task(lambda root, split, download: ["an image"])
+    assert ldifs.get_dataset(task, "test", tmp_path) == ["an image"]
+
+
 def test_a_log_line_cut_short_by_a_kill_or_full_disk_is_dropped_on_resume(
     tmp_path, capsys, monkeypatch
 ):
