@@ -3153,6 +3153,18 @@ def test_folder_task_skips_hidden_files_and_folders(tmp_path):
     assert_splits(task, tmp_path, {"train": 54, "val": 6, "test": 12})
 
 
+def test_folder_images_keep_pathlibs_sorted_order(tmp_path):
+    """The seeded splits of a folder task depend on its images' order: the faster walk over
+    strings keeps pathlib's order of the paths, which sorts by parts ('a/x' before 'a-b/x')."""
+    names = ["a", "a-b", "a b", "A", "a_b", "10", "9"]
+    for one, two, suffix in [(o, t, s) for o in names for t in names[:3] for s in (".jpg", ".PNG")]:
+        nested = tmp_path / one / two / f"{two}{suffix}"  # beside flat ones, e.g. a/a-b/a-b.jpg
+        fake_image(nested if suffix == ".jpg" else tmp_path / one / f"{two}{suffix}", 0)
+    (tmp_path / "a" / "notes.txt").write_text("")
+    paths = sorted(p for p in tmp_path.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    assert ldifs.image_files(tmp_path) == [str(p) for p in paths] and len(paths) == 7 * 3 * 2
+
+
 def test_a_folder_task_with_one_class_is_refused(tmp_path, capsys):
     """Images not sorted into class folders (train/images/*.jpg) make one class, which every
     head gets right: a run that reports 100% and has learnt nothing."""
