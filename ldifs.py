@@ -1069,12 +1069,15 @@ def load_sun397(root, split, download):
 
 
 def load_imagenet(root, split, download):
-    # Read from folders the user places; the official val split is our test split.
+    # Read from folders the user places; the official val split is our test split. The images
+    # and labels of the release's ImageFolder, in its order, less hidden files (a bug fix).
     base = Path(root) / "imagenet"
-    folder = torchvision.datasets.ImageFolder
-    return official_split(
-        lambda train: folder(require(base / ("train" if train else "val"))), split
-    )
+
+    def make(train):
+        folder = require(base / ("train" if train else "val"))
+        return Samples(folder_samples(folder, subfolders(folder)))
+
+    return official_split(make, split)
 
 
 def torchvision_loader(name, train_kwargs, test_kwargs, subdir=""):

@@ -1514,6 +1514,21 @@ def test_imagenet_reads_placed_folders(tmp_path):
     assert ldifs.TASKS["imagenet"].classnames[:2] == ("tench", "goldfish")
 
 
+def test_imagenet_reads_what_image_folder_reads_less_hidden_files(tmp_path):
+    """The images and labels of torchvision's ImageFolder, in its order (so the seeded val
+    split is the same), less what is hidden: ImageFolder takes macOS's ._* twins for images,
+    and a .ipynb_checkpoints/ folder for a class, which shifts every label by one."""
+    names = ["B.JPEG", "a.JPEG", "a-1.JPEG", "a_1.JPEG", "10.JPEG", "9.jpeg"]
+    for code, wnid in enumerate(["n02", "n01", "n10"]):
+        for name in names:
+            fake_image(tmp_path / "imagenet/val" / wnid / name, code)
+    image_folder = torchvision.datasets.ImageFolder(tmp_path / "imagenet/val").samples
+    (tmp_path / "imagenet/val/.ipynb_checkpoints").mkdir()
+    (tmp_path / "imagenet/val/n01/._a.JPEG").write_bytes(bytes(4000))
+    ours = ldifs.get_dataset("imagenet", "test", tmp_path, download=False)
+    assert ours.samples == image_folder
+
+
 @pytest.mark.parametrize(
     "task, count",
     [
