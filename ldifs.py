@@ -1108,9 +1108,10 @@ def get_dataset(task, split, root, transform=None, download=True):
     there and cannot be fetched."""
     task = get_task(task) if isinstance(task, str) else task
     root = os.path.expanduser(root)
+    fetch = download and task.downloads
     try:
-        with fetching(task, root) if download and task.downloads else contextlib.nullcontext():
-            data = task.load(root, split, download and task.downloads)
+        with fetching(task, root) if fetch else contextlib.nullcontext():
+            data = task.load(root, split, fetch)
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download) from e
     whole = dict(zip(("train", "val", "test"), task.split_sizes, strict=False))
