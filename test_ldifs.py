@@ -2132,7 +2132,17 @@ LOCK = (
 
 def held_by_a_run(out):
     """Whether another process holds --out: this one, or any other, cannot lock it now."""
-    return subprocess.run([sys.executable, "-c", LOCK, str(out / ".lock")]).returncode != 0
+    locking = subprocess.run([sys.executable, "-c", LOCK, str(out / ".lock")], capture_output=True)
+    return locking.returncode != 0
+
+
+def holder_of(lock, then, *argv):
+    """Another process that holds the file `lock`, then runs `then` (with `argv` after the
+    lock in sys.argv); returned once it holds the lock."""
+    command = [sys.executable, "-c", f"{LOCK}; print(flush=True); {then}", str(lock), *argv]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    return process
 
 
 def test_a_run_holds_its_out_folder_and_a_second_run_on_it_is_refused(
@@ -2150,14 +2160,7 @@ def test_a_run_holds_its_out_folder_and_a_second_run_on_it_is_refused(
     assert held and all(held) and not held_by_a_run(out)  # held while it trained, then let go
     other = tmp_path / "other"
     other.mkdir()
-    hold = f"{LOCK}; print(flush=True); sys.stdin.read()"  # as the first copy would, till told
-    first = subprocess.Popen(
-        [sys.executable, "-c", hold, str(other / ".lock")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    first.stdout.readline()
+    first = holder_of(other / ".lock", "sys.stdin.read()")  # as the first copy would, till told
     code, _, err = run_main(ldifs, [*flags, str(other)], capsys)
     first.communicate("")
     assert code == 2 and err.count("\n") == 1, err
@@ -2179,12 +2182,8 @@ def test_runs_started_together_fetch_a_task_one_at_a_time(tmp_path, capsys):
     unpacking: torchvision takes any EuroSAT folder for the whole dataset."""
     unpacked, seen = tmp_path / "unpacked", []
     task = downloaded_task(lambda root, split, download: seen.append(unpacked.exists()) or [])
-    fetch = f"{LOCK}; print(flush=True); import time; time.sleep(1); open(sys.argv[2], 'w')"
-    lock = tmp_path / ".fake.lock"
-    first = subprocess.Popen(
-        [sys.executable, "-c", fetch, str(lock), str(unpacked)], stdout=subprocess.PIPE
-    )
-    first.stdout.readline()  # it holds the lock, and unpacks for a second
+    unpack = "import time; time.sleep(1); open(sys.argv[2], 'w')"  # for a second
+    first = holder_of(tmp_path / ".fake.lock", unpack, str(unpacked))
     ldifs.get_dataset(task, "test", tmp_path)
     first.wait()
     assert seen == [True]  # read once the other process had unpacked it
