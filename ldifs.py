@@ -961,11 +961,12 @@ class Samples(Dataset):
 
 
 def image_files(folder):
-    """The paths of the images anywhere under `folder`, in pathlib's sorted order, less what
-    is hidden: macOS's ._* twins of images are no images, and folders such as
-    .ipynb_checkpoints/ hold none. Strings: ImageNet's 1.3M Path objects take seconds."""
+    """The paths of the images anywhere under `folder`, linked folders too (as ImageFolder
+    reads them), in pathlib's sorted order, less what is hidden: macOS's ._* twins of images
+    are no images, and folders such as .ipynb_checkpoints/ hold none. Strings: ImageNet's
+    1.3M Path objects take seconds."""
     extensions, found = torchvision.datasets.folder.IMG_EXTENSIONS, []
-    for parent, folders, files in os.walk(folder):
+    for parent, folders, files in os.walk(folder, followlinks=True):
         folders[:] = [name for name in folders if name[0] != "."]
         parts = Path(parent).parts  # pathlib sorts paths by their parts
         images = [name for name in files if name.lower().endswith(extensions)]

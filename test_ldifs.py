@@ -1529,6 +1529,19 @@ def test_imagenet_reads_what_image_folder_reads_less_hidden_files(tmp_path):
     assert ours.samples == image_folder
 
 
+def test_imagenet_follows_linked_folders_as_image_folder_does(tmp_path):
+    """Images gathered by symlinks, a folder of them linked into a class folder, are read as
+    ImageFolder reads them: skipping them would silently train on fewer images."""
+    for k in range(3):
+        fake_image(tmp_path / "elsewhere/more" / f"{k}.JPEG", 1)
+    fake_image(tmp_path / "imagenet/val/n01/0.JPEG", 0)
+    fake_image(tmp_path / "imagenet/val/n02/0.JPEG", 1)
+    (tmp_path / "imagenet/val/n02/linked").symlink_to(tmp_path / "elsewhere")
+    image_folder = torchvision.datasets.ImageFolder(tmp_path / "imagenet/val").samples
+    ours = ldifs.get_dataset("imagenet", "test", tmp_path, download=False)
+    assert ours.samples == image_folder and len(ours) == 5
+
+
 @pytest.mark.parametrize(
     "task, count",
     [
