@@ -1151,9 +1151,10 @@ def data_missing(task, root, error, download):
 
 @functools.cache
 def get_task(name):
-    """The built-in task `name`, or a folder:PATH task."""
-    if name in TASKS:
-        return TASKS[name]
+    """The built-in task `name`, in any case (EuroSAT, as the paper writes it), or a
+    folder:PATH task."""
+    if name.lower() in TASKS:
+        return TASKS[name.lower()]
     if name.startswith("folder:"):
         return folder_task(name)
     raise UsageError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, or folder:PATH")

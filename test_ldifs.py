@@ -1016,6 +1016,15 @@ def test_task_lists_written_with_spaces_after_the_commas_are_read():
     assert args.eval_tasks == ["mnist", "svhn"]
 
 
+def test_task_names_are_read_as_the_paper_writes_them():
+    """--task EuroSAT, as the paper spells it, is eurosat, in metrics and folder names too."""
+    args = ldifs.parse_args(["--task=Synthetic", "--eval-tasks=SYNTHETIC-stripes,synthetic"])
+    tasks = ldifs.resolve_args(args)
+    assert [t.name for t in tasks] == ["synthetic"]
+    assert args.eval_tasks == ["synthetic-stripes"]
+    assert args.out == Path("runs/synthetic-lam10")
+
+
 def test_eval_tasks_named_twice_are_measured_once():
     args = ldifs.parse_args(
         ["--task=synthetic", "--eval-tasks=synthetic-stripes,mnist,synthetic-stripes"]
