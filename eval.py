@@ -225,12 +225,21 @@ def check_target_data(runs, args):
             raise type(e)(f"run {run['path']}: {e}") from e
 
 
-def rows_for_run(run, pretrained, transform, tasks, alphas, baseline, args):
+def run_labels(runs):
+    """Each run's row label: its task and method, and its folder where runs share them (two
+    seeds, say), so that no two rows read alike."""
+    labels = [f"{run['metrics']['task']} {method_label(run['metrics'])}" for run in runs]
+    return [
+        label if labels.count(label) == 1 else f"{label} ({run['path']})"
+        for label, run in zip(labels, runs, strict=True)
+    ]
+
+
+def rows_for_run(run, label, pretrained, transform, tasks, alphas, baseline, args):
     """The run's row and one per WiSE-FT mix: target accuracy with the mixed head, A_LP. The
     mix starts (alpha 0) from the encoder the run started from, on whose features its
     initial head was fit: the pre-trained one, or for a continual stage k > 0, stage k-1's."""
     metrics, head, rows = run["metrics"], run["head"], []
-    label = f"{metrics['task']} {method_label(metrics)}"
     test = ldifs.get_dataset(metrics["task"], "test", args.data_root, transform, args.download)
     finetuned = image_encoder_weights(run["weights"], args.device)
     start = image_encoder_weights(run["start"], args.device) if run["start"] else None
@@ -313,8 +322,8 @@ def evaluate(args):
     weights = ldifs.weights_key(model, pretrained, seed)
     baseline = probe_row(clip.visual.eval(), tasks, transform, args, weights)
     rows = [{"label": baseline_label(model, pretrained), "target_accuracy": None, "a_lp": baseline}]
-    for run in runs:
-        rows += rows_for_run(run, clip.visual, transform, tasks, alphas, baseline, args)
+    for run, label in zip(runs, run_labels(runs), strict=True):
+        rows += rows_for_run(run, label, clip.visual, transform, tasks, alphas, baseline, args)
     add_deltas(rows, baseline)
     if args.plot:
         plot(rows[1:], args.plot, args.plot_x)

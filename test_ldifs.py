@@ -601,6 +601,35 @@ def test_eval_gives_each_mix_one_row(two_runs, tmp_path, capsys):
     assert rows[1]["label"] == "synthetic FT"
 
 
+def test_eval_tells_runs_of_the_same_method_apart_by_their_folders(two_runs, tmp_path, capsys):
+    """Two runs of one task and method (say two seeds) got the same row label: a table whose
+    rows cannot be told apart. Those labels name the run's folder; a unique one does not."""
+    shutil.copytree(two_runs[0] / "lam10", tmp_path / "seed1")
+    runs = [str(two_runs[0] / p) for p in ("lam10", "lam0")] + [str(tmp_path / "seed1")]
+    flags = [
+        "--tasks",
+        "none",
+        "--wise-ft",
+        "0.5",
+        "--workers",
+        "0",
+        "--json",
+        str(tmp_path / "e.json"),
+    ]
+    code, _, err = run_main(evaluation, [*runs, *flags], capsys)
+    assert code == 0, err
+    labels = [r["label"] for r in json.loads((tmp_path / "e.json").read_text())["rows"][1:]]
+    ldifs_label = "synthetic LDIFS (lam 10)"
+    assert labels == [
+        f"{ldifs_label} ({runs[0]})",
+        f"  WiSE-FT alpha 0.5 of {ldifs_label} ({runs[0]})",
+        "synthetic FT",
+        "  WiSE-FT alpha 0.5 of synthetic FT",
+        f"{ldifs_label} ({runs[2]})",
+        f"  WiSE-FT alpha 0.5 of {ldifs_label} ({runs[2]})",
+    ]
+
+
 def test_eval_rejects_a_path_that_is_not_a_run(tmp_path):
     result = run_cli(str(tmp_path), script="eval.py")
     assert result.returncode == 2 and "Traceback" not in result.stderr
