@@ -1646,6 +1646,20 @@ def locked(path, when_held):
         yield
 
 
+RUN_FILES = "checkpoint.pt log.jsonl metrics.json head.pt open_clip_pytorch_model.bin"
+RUN_FILES = (*RUN_FILES.split(), "open_clip_config.json")
+
+
+def delete_killed_writes(out):
+    """Delete what `atomic_write`s killed midway (SIGKILL, the OOM killer: no `finally` runs)
+    left in `out` and its stages' folders, each temporary file as big as the file it wrote.
+    Called holding --out: no other run writes there."""
+    for path in [*out.glob("*.tmp"), *out.glob("*/*.tmp")]:
+        ours = re.fullmatch(r"(.+)\.\d+\.tmp", path.name)  # atomic_write's name.<pid>.tmp
+        if ours and ours[1] in RUN_FILES:
+            path.unlink(missing_ok=True)
+
+
 def check_writable(folder, what):
     """Refuse, before the work, a `folder` that cannot be made or written in: the first of it
     and its parents that exists is a file, or this user cannot write in it (no permission, a
@@ -2072,6 +2086,8 @@ def run(args):
     heads, matrix, main = {}, [], shard[0] == 0
     with holding(args.out) if main else contextlib.nullcontext():
         check_out(tasks, args)  # again, held: a run on --out may have ended while this loaded
+        if main:
+            delete_killed_writes(args.out)
         for k, task in enumerate(tasks):
             stage = plan_stage(k, tasks, len(data[task.name][0]), taps, shard, args)
             previous = k > 0 and args.reference == "previous"

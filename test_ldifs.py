@@ -2158,6 +2158,22 @@ def stop_at_first_checkpoint(flags, capsys, monkeypatch):
     monkeypatch.undo()
 
 
+def test_resume_deletes_what_a_write_killed_midway_left(tmp_path, capsys, monkeypatch):
+    """A run killed while it writes a checkpoint (SIGKILL, the OOM killer, Slurm's kill after
+    its grace time) leaves the temporary file, as big as a checkpoint, and each such kill
+    another: the next run on --out deletes them, and no file of the user's."""
+    flags = [*RESUME_FLAGS, "--workers", "0", "--out", str(tmp_path)]
+    stop_at_first_checkpoint(flags, capsys, monkeypatch)
+    stale = [tmp_path / "checkpoint.pt.4242.tmp", tmp_path / "0-synthetic/metrics.json.7.tmp"]
+    kept = [tmp_path / "notes.tmp", tmp_path / "data/x.1.tmp", tmp_path / "a.b.tmp"]
+    for path in stale + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes(100))
+    code, _, err = run_main(ldifs, [*flags, "--resume"], capsys)
+    assert code == 0, err
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+
+
 def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_fewer(tmp_path, monkeypatch):
     """Rank 0 saves the RNG state of every GPU it sees, and torch sets them by position: the
     checkpoint of an 8-GPU node raised IndexError on a 1-GPU machine. The states of GPUs
