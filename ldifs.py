@@ -956,7 +956,8 @@ class Samples(Dataset):
         path, label = self.samples[i]
         try:
             return torchvision.datasets.folder.default_loader(path), label
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        # PIL's UnidentifiedImageError is an OSError; its refusal of a huge image is neither
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"cannot decode image {path}: {one_line(e)}; fix or remove it") from e
 
 

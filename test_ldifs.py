@@ -3442,6 +3442,16 @@ def test_undecodable_image_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path
     assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 60
 
 
+def test_an_image_too_large_for_pils_bomb_check_is_one_line_naming_it(tmp_path, monkeypatch):
+    """PIL refuses images over twice Image.MAX_IMAGE_PIXELS (about 179 megapixels), as a
+    satellite or slide scan can be, with a DecompressionBombError that is no OSError: the
+    run ended in a traceback that did not name the file."""
+    fake_image(tmp_path / "big.png", 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8)  # so that the small image is "too large"
+    with pytest.raises(ldifs.UserError, match=f"cannot decode image {tmp_path / 'big.png'}: "):
+        ldifs.Samples([(str(tmp_path / "big.png"), 0)])[0]
+
+
 def test_templates_file_is_checked(tmp_path):
     # str.format fails on the last three, which would end a run with a traceback
     for bad in ["no placeholder here", "{{}} is literal", "{} and {}", "a {kind} photo of {}"]:
