@@ -963,16 +963,24 @@ class Samples(Dataset):
 
 def image_files(folder):
     """The paths of the images anywhere under `folder`, linked folders too (as ImageFolder
-    reads them), in pathlib's sorted order, less what is hidden: macOS's ._* twins of images
-    are no images, and folders such as .ipynb_checkpoints/ hold none. Strings: ImageNet's
-    1.3M Path objects take seconds."""
+    reads them) but not a link back up to a folder that holds it (ImageFolder walks round
+    it until the OS stops it), in pathlib's sorted order, less what is hidden: macOS's ._*
+    twins of images are no images, and folders such as .ipynb_checkpoints/ hold none.
+    Strings: ImageNet's 1.3M Path objects take seconds."""
     extensions, found = torchvision.datasets.folder.IMG_EXTENSIONS, []
     for parent, folders, files in os.walk(folder, followlinks=True):
-        folders[:] = [name for name in folders if name[0] != "."]
+        here = os.path.realpath(parent)
+        folders[:] = [name for name in folders if name[0] != "." and not holds(name, here)]
         parts = Path(parent).parts  # pathlib sorts paths by their parts
         images = [name for name in files if name.lower().endswith(extensions)]
         found += [(*parts, name) for name in images if name[0] != "."]
     return [os.path.join(*parts) for parts in sorted(found)]
+
+
+def holds(name, parent):
+    """Whether the folder `name` in the real folder `parent` is `parent` or one above it."""
+    real = os.path.realpath(os.path.join(parent, name))
+    return os.path.commonpath([real, parent]) == real
 
 
 def folder_samples(folder, classes):

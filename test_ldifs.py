@@ -1580,6 +1580,19 @@ def test_imagenet_follows_linked_folders_as_image_folder_does(tmp_path):
     assert ours.samples == image_folder and len(ours) == 5
 
 
+def test_a_link_back_up_the_tree_is_not_followed_round_and_round(tmp_path):
+    """A link to a folder above it (`ln -s .. all`) would be walked into again at every level,
+    as ImageFolder does until the OS stops it: each image read about 40 times, the other
+    classes' images under this class. It is skipped; other links are still followed."""
+    for name in ("n01/0.JPEG", "n02/0.JPEG", "elsewhere/1.JPEG"):
+        fake_image(tmp_path / name, 0)
+    (tmp_path / "n01/up").symlink_to(tmp_path)
+    (tmp_path / "n01/self").symlink_to(tmp_path / "n01")
+    (tmp_path / "n01/more").symlink_to(tmp_path / "elsewhere")
+    expected = [str(tmp_path / "n01" / name) for name in ("0.JPEG", "more/1.JPEG")]
+    assert ldifs.image_files(tmp_path / "n01") == expected
+
+
 @pytest.mark.parametrize(
     "task, count",
     [
