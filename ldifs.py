@@ -979,8 +979,8 @@ def image_files(folder):
 
 def holds(name, parent):
     """Whether the folder `name` in the real folder `parent` is `parent` or one above it."""
-    real = os.path.realpath(os.path.join(parent, name))
-    return os.path.commonpath([real, parent]) == real
+    real = Path(os.path.realpath(os.path.join(parent, name)))
+    return real == Path(parent) or real in Path(parent).parents  # commonpath fails across drives
 
 
 def folder_samples(folder, classes):
