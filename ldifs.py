@@ -883,6 +883,25 @@ def tap_names(encoder, flag):
     return names
 
 
+@torch.no_grad()
+def check_taps_run(encoder, names):
+    """Each tap must run in the tower's forward pass, as checked on one blank image: open_clip's
+    attention reads out_proj's weights without calling it, so a tap there records nothing."""
+    size = encoder.preprocess_cfg["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    image = torch.zeros(1, 3, height, width, device=next(encoder.parameters()).device)
+    training = encoder.training
+    with recorded_taps(encoder, names, channels_last(encoder)) as taps:
+        encoder.eval()(image)
+    encoder.train(training)
+    silent = [name for name, output in taps.items() if output is None]
+    if silent:
+        raise UsageError(
+            f"--taps: {', '.join(silent)} never runs in the image tower's forward pass; "
+            "tap modules that run, such as its blocks"
+        )
+
+
 def submodules(module):
     return ", ".join(name for name, _ in module.named_children())
 
@@ -2089,6 +2108,8 @@ def run(args):
     torch.manual_seed(args.seed)
     clip, *transforms = load_clip(args.model, args.pretrained, args.device)
     taps = tap_names(clip.visual, args.taps)
+    if args.taps:  # the default taps run in every open_clip tower: tested
+        check_taps_run(clip.visual, taps)
     if args.eval_tasks or args.head == "zs":  # an hf-hub: model's needs show once it loads
         tokenizer_of(args.model)
     pretrained = frozen_copy(clip.visual)

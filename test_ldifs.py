@@ -3667,6 +3667,18 @@ def test_timm_towers_train_with_ldifs_on_their_trunk(tmp_path, capsys, trunk, ex
     assert [t.dim() for t in taps.values()] == ([3] * 5 if trunk == "vit" else [4] * 5)
 
 
+def test_a_tap_that_never_runs_in_the_forward_pass_is_refused_up_front(tmp_path, capsys):
+    """open_clip's attention reads out_proj's weights without calling the module, so a tap on
+    it recorded nothing, and the first step ended in an AttributeError traceback."""
+    flags = RESUME_FLAGS + ["--workers", "0", "--out", str(tmp_path / "run")]
+    taps = "ln_pre,transformer.resblocks.0.attn.out_proj"
+    code, out, err = run_main(ldifs, flags + ["--taps", taps], capsys)
+    assert code == 2 and not out and err.count("\n") == 1, err
+    message = "--taps: transformer.resblocks.0.attn.out_proj never runs in the image tower's"
+    assert message in err, err
+    assert not (tmp_path / "run/log.jsonl").exists()  # refused before any work
+
+
 def test_taps_flag_is_recorded_and_a_resume_with_other_taps_is_refused(tmp_path, capsys):
     flags = RESUME_FLAGS + ["--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
     taps = "ln_pre,transformer.resblocks.3"
