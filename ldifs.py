@@ -1231,7 +1231,8 @@ def image_folder_classes(root):
             folder = root / split / name
             count = len(image_files(folder))
             if not count:
-                raise UsageError(f"{where}: class folder {folder} holds no images")
+                kinds = ", ".join(torchvision.datasets.folder.IMG_EXTENSIONS)
+                raise UsageError(f"{where}: class folder {folder} holds no images ({kinds} files)")
             images[split] += count
     if not classes:
         raise UsageError(f"{where}: no images; put them in {root}/train/<class>/")

@@ -3283,7 +3283,8 @@ def test_folder_task_test_labels_follow_train_classes(tmp_path):
         ({"test": 0}, "no train/ folder"),
         ({}, "no train/ or test/ folder"),
         ({"train": 2, "test": 2, "test/zebra": 0}, "class 'zebra' is in test/ but not in train/"),
-        ({"train": 2, "test": 2, "train/empty": 0}, "holds no images"),
+        # which files count: a folder of iPhone photos (.heic) is not empty to its owner
+        ({"train": 2, "test": 2, "train/empty": 0}, "holds no images (.jpg, .jpeg, .png, .ppm, "),
         ({"train": -1, "test": -1}, "no images"),
         ({"train": 3, "test": 1}, "9 images in train/ hold out no validation images"),
         ({"train": 4, "test": 0}, "test/ holds no images in train/'s class folders"),
