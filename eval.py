@@ -97,18 +97,31 @@ def resolve_data_root(args, runs):
 
 def not_a_run(path):
     """Why `path`, which has no metrics.json, is no run: it is missing (a typo), a file, a run
-    killed before it finished (its checkpoint, or its stages' folders, named k-task), the folder
-    that holds runs, or none of these."""
+    still training, a run killed before it finished (its checkpoint, or its stages' folders,
+    named k-task), the folder that holds runs, or none of these."""
     if not path.exists():
         return f"no such folder: {path}"
     if path.is_file():  # a run's metrics.json, or a file that runs/* caught
         return f"{path} is a file, not a run directory of ldifs.py"
+    if training(path):  # --resume, the advice for a killed run, would be refused
+        return f"{path} is a run that ldifs.py is still training; name it once it ends"
     files = ldifs.run_files_in(path)
     if any(p.parent == path or p.parent.name.partition("-")[0].isdigit() for p in files):
         return f"{path} is an unfinished run: finish it with ldifs.py --resume (no metrics.json)"
     if files:
         return f"{path} holds runs but is not one; name them, e.g. {min(files).parent}"
     return f"{path} is not a run directory of ldifs.py (no metrics.json)"
+
+
+def training(path):
+    """Whether an ldifs.py run holds `path` now, as it does while it trains there."""
+    if not (path / ".lock").is_file():  # else locked() would make one
+        return False
+    try:
+        with ldifs.locked(path / ".lock", functools.partial(ldifs.in_use, path)):
+            return False
+    except ldifs.UsageError:
+        return True
 
 
 def check_named_once(paths, runs):

@@ -2248,6 +2248,17 @@ def test_a_run_holds_its_out_folder_and_a_second_run_on_it_is_refused(
     assert [p.name for p in other.iterdir()] == [".lock"]
 
 
+def test_eval_says_a_run_still_training_is_running_not_unfinished(tmp_path, capsys):
+    """`eval.py runs/*` while a run trains told the user to finish it with --resume, which
+    the running copy would refuse: say it runs."""
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    training = holder_of(tmp_path / ".lock", "sys.stdin.read()")
+    code, _, err = run_main(evaluation, [str(tmp_path)], capsys)
+    training.communicate("")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path} is a run that ldifs.py is still training; name it once it ends" in err
+
+
 def downloaded_task(load):
     """A task that torchvision downloads, as far as ldifs.py can tell, read by `load`."""
     fake = "torchvision.datasets.Fake"
