@@ -783,6 +783,7 @@ def load_clip(name, pretrained, device="cpu"):
     """An open_clip CLIP with its train and eval preprocessing. `pretrained` is an open_clip
     tag, a checkpoint path or 'none'; `name` may be 'hf-hub:org/repo'."""
     check_model(name, pretrained)
+    check_gpu_kernels(torch.device(device))
     own_weights = name.startswith(OWN_WEIGHTS)  # open_clip ignores a tag, as older runs recorded
     tag = None if pretrained == "none" or own_weights else pretrained
     # Weights that fail to load are an error: open_clip would go on with random ones, warning.
@@ -800,6 +801,25 @@ def load_clip(name, pretrained, device="cpu"):
         else:  # nothing was fetched: the model itself failed to build
             what, hint = f"build {name}", "check its model config"
         raise UserError(f"could not {what}: {one_line(e)}; {hint}") from e
+
+
+def check_gpu_kernels(device):
+    """The torch build must hold kernels for the GPU. PyPI's torch 2.14 is built for CUDA 13,
+    which starts at Turing (7.5): on a V100 torch only warns, and the first kernel fails with
+    "no kernel image is available". torch 2.14's CUDA 12.6 build still runs from Maxwell."""
+    if device.type != "cuda" or not torch.version.cuda:  # ROCm names its GPUs otherwise
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    built = [int(re.search(r"\d+", arch)[0]) for arch in torch.cuda.get_arch_list()]  # sm_90a
+    oldest = min(built, default=0)
+    if 10 * major + minor < oldest:
+        versions = [module.__version__.split("+")[0] for module in (torch, torchvision)]
+        raise UserError(
+            f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) is older "
+            f"than the GPUs this torch build runs on (CUDA {torch.version.cuda}, from "
+            f"{oldest / 10:g}); install its CUDA 12.6 build: pip install torch=={versions[0]} "
+            f"torchvision=={versions[1]} --index-url https://download.pytorch.org/whl/cu126"
+        )
 
 
 def check_model(name, pretrained):

@@ -1074,6 +1074,28 @@ def test_a_device_this_machine_lacks_is_one_line(capsys, module, tmp_path):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_gpu_older_than_the_torch_build_is_one_line_naming_the_build_to_install(monkeypatch):
+    """PyPI's torch 2.14.1 is built for CUDA 13, whose kernels start at Turing (7.5): on a V100
+    torch only warns, and the first kernel ends the run in a "no kernel image is available"
+    traceback. Faked here: the test machine has no such GPU."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_90a", "sm_75", "compute_120"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _: "Tesla V100-SXM2-16GB")
+    for capability in [(7, 5), (8, 6), (12, 0)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _, c=capability: c)
+        ldifs.check_gpu_kernels(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _: (7, 0))
+    with pytest.raises(ldifs.UserError) as error:
+        ldifs.check_gpu_kernels(torch.device("cuda"))
+    versions = [module.__version__.split("+")[0] for module in (torch, torchvision)]
+    assert str(error.value) == (
+        "Tesla V100-SXM2-16GB (compute capability 7.0) is older than the GPUs this torch build "
+        "runs on (CUDA 13.0, from 7.5); install its CUDA 12.6 build: pip install torch=="
+        "{} torchvision=={} --index-url https://download.pytorch.org/whl/cu126".format(*versions)
+    )
+    ldifs.check_gpu_kernels(torch.device("cpu"))  # the CPU needs no kernels built for it
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where even root can't write")
 def test_unwritable_out_is_one_line(capsys):
     """An --out that passes the checks but cannot be written fails when the run first writes
