@@ -406,7 +406,7 @@ def last_good(stage):
 
 def sync_time(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # not the current GPU: --device cuda:1
     return time.perf_counter()
 
 
