@@ -1759,10 +1759,13 @@ def atomic_save(obj, path):
 
 
 def atomic_write(path, write):
-    """write(tmp), then rename tmp to path: a killed run keeps the old file, never half of one."""
+    """write(tmp), then rename tmp to path: a killed run keeps the old file, never half of one,
+    and so does a machine that loses power, as tmp is on the disk before the rename."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:  # else the rename can reach the disk before the data
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # after Ctrl-C or a full disk: it is as big as a checkpoint

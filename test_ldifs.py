@@ -2475,6 +2475,19 @@ def test_a_failed_save_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
+def test_a_save_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
+    """A rename can reach the disk before the data renamed: a node that lost power right after
+    a checkpoint could come back with an empty checkpoint.pt and the old one gone. The new
+    file is flushed (fsync) before it replaces the old one."""
+    path, events = tmp_path / "checkpoint.pt", []
+    ldifs.atomic_save({"step": 1}, path)
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: [events.append(os.fstat(fd).st_ino), fsync(fd)])
+    monkeypatch.setattr(os, "replace", lambda *a: [events.append("replace"), replace(*a)])
+    ldifs.atomic_save({"step": 2}, path)
+    assert events == [path.stat().st_ino, "replace"]  # the new file's inode, then the rename
+
+
 def test_existing_run_is_never_overwritten_without_resume(tmp_path, capsys):
     flags = RESUME_FLAGS + ["--max-steps", "2", "--workers", "0", "--out", str(tmp_path / "run")]
     code, _, err = run_main(ldifs, flags + ["--resume"], capsys)
