@@ -554,8 +554,11 @@ def hub_files(repo):
 
 
 def files_digest(paths):
-    """A digest of the files' absolute paths, sizes and mtimes: it changes when one does."""
-    stats = [(str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    """A digest of the files' real paths, sizes and mtimes: it changes when one does."""
+    stats = []
+    for path in paths:  # one stat a file: a folder task may hold a million
+        stat = os.stat(path)
+        stats.append((os.path.realpath(path), stat.st_size, stat.st_mtime_ns))
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 

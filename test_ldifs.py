@@ -2085,7 +2085,12 @@ def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
     relabelled = run_key()
     assert relabelled != key
     os.utime(root / "test/cat_a/relabelled.jpg", ns=(0, 0))  # edited in place
-    assert run_key() not in (key, relabelled)
+    edited = run_key()
+    assert edited not in (key, relabelled)
+    twin = shutil.copy2(root / "test/cat_a/relabelled.jpg", tmp_path / "twin.jpg")  # same stat
+    (root / "test/cat_a/relabelled.jpg").unlink()
+    (root / "test/cat_a/relabelled.jpg").symlink_to(twin)  # a link now, to another file
+    assert run_key() not in (key, relabelled, edited)
 
 
 # ------------------------------------------------------------------ benchmarks (opt-in)
