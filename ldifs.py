@@ -1827,7 +1827,8 @@ class DataMissing(UserError):
 @contextlib.contextmanager
 def one_line_errors(prog, after_interrupt=lambda: ""):
     """End the program on a UserError, an OSError such as a full disk or an unwritable --out,
-    or running out of GPU memory, with one line and no traceback: exit 2 for bad usage, else 1;
+    running out of GPU memory, or a data-loading worker the OS killed, with one line and no
+    traceback: exit 2 for bad usage, else 1;
     on Ctrl-C (or SIGTERM, which ldifs.py's main turns into one), 130, with what
     `after_interrupt()` returns said after "interrupted"."""
     try:
@@ -1840,6 +1841,12 @@ def one_line_errors(prog, after_interrupt=lambda: ""):
         # --resume refuses another --batch-size: it changes the schedule the checkpoint is on
         hint = "lower --batch-size (in a new run) or --eval-batch-size (then --resume)"
         print(f"{prog}: error: {one_line(e)}; {hint}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # OutOfMemoryError is one: it comes first
+        if not str(e).startswith("DataLoader worker"):  # killed by the OOM killer, a full shm
+            raise
+        hint = "lower --workers, or give them more memory (Docker: --shm-size)"
+        print(f"{prog}: error: {one_line(e).strip()}; {hint}", file=sys.stderr)
         sys.exit(1)
     except (UserError, OSError) as e:
         message = str(e)

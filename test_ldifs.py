@@ -3528,6 +3528,25 @@ def test_an_image_too_large_for_pils_bomb_check_is_one_line_naming_it(tmp_path, 
         ldifs.Samples([(str(tmp_path / "big.png"), 0)])[0]
 
 
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task"), reason="needs Linux /proc")
+def test_a_loader_worker_the_os_kills_ends_the_run_in_one_line_naming_the_fix(tmp_path):
+    """The OOM killer, or Docker's small /dev/shm (a bus error), kills a data-loading worker:
+    torch ended the run with a traceback. One line now, naming --workers; the checkpoint holds."""
+    out = tmp_path / "out"
+    flags = [*RESUME_FLAGS[:-6], "--max-steps", "400", "--save-every", "1", "--eval-tasks", "none"]
+    process = start_cli(*flags, "--workers", "2", "--out", str(out), stderr=subprocess.PIPE)
+    wait_for_checkpoint(process, out)
+    main = process.pid
+    worker = Path(f"/proc/{main}/task/{main}/children").read_text().split()[0]
+    os.kill(int(worker), signal.SIGKILL)
+    err = process.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if line.startswith("ldifs.py")]
+    assert process.returncode == 1 and "Traceback" not in err and len(lines) == 1, err
+    assert f"DataLoader worker (pid {worker}) is killed by signal: Killed" in lines[0], err
+    assert lines[0].endswith("; lower --workers, or give them more memory (Docker: --shm-size)")
+    assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 400
+
+
 def test_templates_file_is_checked(tmp_path):
     # str.format fails on the last three, which would end a run with a traceback
     for bad in ["no placeholder here", "{{}} is literal", "{} and {}", "a {kind} photo of {}"]:
