@@ -405,8 +405,8 @@ def last_good(stage):
 
 
 def sync_time(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # not the current GPU: --device cuda:1
+    if device.type != "cpu":  # the device that trains, not the current GPU (cuda:1); mps too
+        torch.accelerator.synchronize(device)
     return time.perf_counter()
 
 
