@@ -2273,11 +2273,29 @@ def sigterm_as_ctrl_c():
 
 
 def quiet_worker_exit(_worker_id):
-    """A data-loading worker exits at once, with status 0, on SIGTERM from anyone, as torch's
-    handler does on one from the main process. A signal to the whole process group (timeout,
-    scancel) would else kill the workers, and the main process would report that with a
-    traceback, which can become the run's error; the main process ends as on Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    """A data-loading worker ends quietly on Ctrl-C or SIGTERM, which reach it with the main
+    process when sent to the whole process group (a terminal, timeout, scancel): the main
+    process alone says one line. Killed by SIGTERM, workers made the main process report a
+    traceback, which could become the run's error."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, end_worker)
+    sys.excepthook = unless_the_main_process_left
+
+
+def end_worker(*_):
+    """As Ctrl-C does: torch's worker loop catches the KeyboardInterrupt and exits with status
+    0, its locks released (an os._exit could leave the loader's shutdown event locked, and the
+    main process waiting on it for ever). Its stderr goes first: its dying threads would print
+    tracebacks after the main process's line."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    raise KeyboardInterrupt
+
+
+def unless_the_main_process_left(kind, error, trace):
+    """A worker's fd-sharing thread reports, with a traceback, a main process that hung up
+    mid-batch, as an ending one does; any other error is printed as ever."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, error, trace)
 
 
 def main(argv=None):

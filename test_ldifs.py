@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -2200,6 +2201,36 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, to_the_group):
     assert process.returncode == 130 and err.strip().splitlines()[-1] == last, err
     assert "Traceback" not in err and "killed by signal" not in err, err
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def hold_then_sigterm(lock, ready):
+    ldifs.quiet_worker_exit(0)
+    with lock:
+        ready.set()
+        time.sleep(60)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs fork and SIGTERM")
+def test_a_worker_ended_by_sigterm_lets_go_of_its_locks():
+    """A worker that os._exit-ed on SIGTERM while it held the lock of the loader's shutdown
+    event (it checks the event for every batch) left the main process waiting on that lock
+    for ever: scancel or timeout hung the run. It unwinds as on Ctrl-C, letting go."""
+    fork = multiprocessing.get_context("fork")
+    lock, ready = fork.Lock(), fork.Event()
+    worker = fork.Process(target=hold_then_sigterm, args=(lock, ready))
+    worker.start()
+    assert ready.wait(30)
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(30)
+    assert lock.acquire(timeout=10)
+
+
+def test_a_worker_keeps_quiet_when_the_main_process_hangs_up_mid_batch(capsys):
+    """A worker's fd-sharing thread printed a BrokenPipeError traceback beside the main
+    process's one line when Ctrl-C or SIGTERM stopped the main process mid-batch."""
+    for error in (BrokenPipeError(), ConnectionResetError(), EOFError(), ValueError("real")):
+        ldifs.unless_the_main_process_left(type(error), error, None)
+    assert capsys.readouterr().err.strip() == "ValueError: real"
 
 
 def stop_at_first_checkpoint(flags, capsys, monkeypatch):
