@@ -3565,7 +3565,7 @@ def test_a_loader_worker_the_os_kills_ends_the_run_in_one_line_naming_the_fix(tm
     """The OOM killer, or Docker's small /dev/shm (a bus error), kills a data-loading worker:
     torch ended the run with a traceback. One line now, naming --workers; the checkpoint holds."""
     out = tmp_path / "out"
-    flags = [*RESUME_FLAGS[:-6], "--max-steps", "400", "--save-every", "1", "--eval-tasks", "none"]
+    flags = ["--task", "synthetic", "--head", "zs", "--save-every", "1", "--eval-tasks", "none"]
     process = start_cli(*flags, "--workers", "2", "--out", str(out), stderr=subprocess.PIPE)
     wait_for_checkpoint(process, out)
     main = process.pid
@@ -3576,7 +3576,7 @@ def test_a_loader_worker_the_os_kills_ends_the_run_in_one_line_naming_the_fix(tm
     assert process.returncode == 1 and "Traceback" not in err and len(lines) == 1, err
     assert f"DataLoader worker (pid {worker}) is killed by signal: Killed" in lines[0], err
     assert lines[0].endswith("; lower --workers, or give them more memory (Docker: --shm-size)")
-    assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 400
+    assert 1 <= torch.load(out / "checkpoint.pt", weights_only=True)["step"] < 111  # of 111
 
 
 def test_templates_file_is_checked(tmp_path):
