@@ -38,6 +38,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def no_gpu_but_for_the_cuda_tests(request, monkeypatch):
+    """The checks compare CPU runs; the CUDA tests and the benchmarks pick the GPU themselves."""
+    if not request.node.name.startswith(("test_cuda_", "test_bench_")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def run_env(flags):
+    """The environment of a run the checks start: a GPU machine's GPUs hidden unless the flags
+    name a CUDA device."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not any(str(flag).startswith("cuda") for flag in flags):
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def test_the_checks_run_on_the_cpu_even_on_a_gpu_machine():
+    """By default a run picks the GPU: on a GPU machine six checks here fed CPU tensors to a
+    model on the GPU, and gloo's two-rank runs would have met on one GPU. The checks compare
+    CPU runs, so they hide the GPUs from this process and the runs it starts; the CUDA tests
+    and the benchmarks name their device."""
+    assert ldifs.pick_device(None) == torch.device("cpu")
+    assert run_env(["--task", "synthetic"])["CUDA_VISIBLE_DEVICES"] == ""
+    visible = run_env(["--device", "cuda"]).get("CUDA_VISIBLE_DEVICES")
+    assert visible == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 def tiny_args(tmp_path, *flags):
     args = ldifs.parse_args(
         ["--task", "synthetic", "--workers", "0", "--out", str(tmp_path), *flags]
@@ -465,12 +492,11 @@ def ctrl_c(*_args):
 
 
 def run_cli(*flags, script="ldifs.py", launcher=()):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, *launcher, str(HERE / script), *flags],
         capture_output=True,
         text=True,
-        env=env,
+        env=run_env(flags),
         cwd=HERE,
     )
 
@@ -2143,9 +2169,14 @@ RESUME_FLAGS = [
 
 def start_cli(*flags, stderr=subprocess.DEVNULL, **popen):
     command = [sys.executable, str(HERE / "ldifs.py"), *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        command, env=env, cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, text=True, **popen
+        command,
+        env=run_env(flags),
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        **popen,
     )
 
 
