@@ -1894,9 +1894,9 @@ def parse_args(argv=None):
     p = ArgumentParser(about)
     add = p.add_argument
     add("--task", default="eurosat", help="a task, a,b,c for a continual run, or folder:PATH")
-    add("--lam", type=float, default=10.0, help="weight of the LDIFS distance; 0: plain FT")
-    add("--l2sp", type=float, default=0.0, help="L2-SP baseline weight (the release uses 0.5)")
-    add("--label-smoothing", type=float, default=0.0, help="label-smoothing baseline's epsilon")
+    add("--lam", type=weight, default=10.0, help="weight of the LDIFS distance; 0: plain FT")
+    add("--l2sp", type=weight, default=0.0, help="L2-SP baseline weight (the release uses 0.5)")
+    add("--label-smoothing", type=weight, default=0.0, help="label-smoothing baseline's epsilon")
     ref = "continual runs: reference for task k = the encoder after task k-1, or the original"
     add("--reference", choices=["previous", "pretrained"], default="previous", help=ref)
     model = "open_clip model, hf-hub:org/repo or local-dir:PATH [ViT-B-32]"
@@ -2048,6 +2048,12 @@ def out_of_range(args, positive, non_negative):
     return problems + [
         f"{flag_name(k)} must be >= 0, got {value(k)}" for k in non_negative if not value(k) >= 0
     ]
+
+
+def weight(text):
+    """A loss weight; -0 is read as 0, else --lam -0 would name the folder, the table and the
+    label lam-0."""
+    return float(text) + 0.0
 
 
 def user_path(text):

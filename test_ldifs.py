@@ -1387,7 +1387,7 @@ ONE_SHORT_STEP = ["--head", "zs", "--max-steps", "1", "--batch-size", "2", "--ev
             "--lam must be >= 0",
             2,
         ),
-        (["--task", "synthetic", "--lam", "ten"], "invalid float value", 2),
+        (["--task", "synthetic", "--lam", "ten"], "invalid weight value", 2),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, flags, message, code):
@@ -2598,6 +2598,7 @@ def test_default_out_gives_the_baselines_folders_of_their_own(tmp_path):
         "runs/synthetic+synthetic-stripes-lam0-l2sp0.5-ls0.1"
     )
     assert default_out("--lam", "10", "--out", str(tmp_path)) == tmp_path
+    assert default_out("--lam", "-0", "--l2sp", "-0") == default_out("--lam", "0")  # not lam-0
 
 
 def test_a_hugging_face_text_side_without_transformers_is_one_line_before_any_loading(
