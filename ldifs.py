@@ -570,11 +570,14 @@ def feature_key(weights, task, split, transform):
     return {**weights, **where, "format": 1}
 
 
+def key_digest(key):
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def cached_features(encoder, data, key, args):
     """extract_features, memoised on disk under `key`; an entry that is unreadable or made
     for another key is recomputed, never trusted."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    name = f"{file_safe(key['task'])}-{key['split']}-{digest}.pt"
+    name = f"{file_safe(key['task'])}-{key['split']}-{key_digest(key)}.pt"
     path = Path(args.cache_dir).expanduser() / name
     with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
         entry = torch.load(path, map_location=args.device, weights_only=True)

@@ -630,6 +630,46 @@ def test_eval_rebuilds_the_random_weights_a_run_started_from(two_runs, tmp_path)
     assert baseline == pytest.approx(recorded["synthetic-stripes"]["lp_pretrained"])
 
 
+def test_a_killed_eval_goes_on_where_it_stopped(two_runs, tmp_path, capsys, monkeypatch):
+    """Each A_LP eval.py computes is kept in the cache: a rerun after Ctrl-C (or SIGTERM)
+    fits only the probes the killed one had not finished, and gives the same table."""
+    runs = [str(two_runs[0] / p) for p in ("lam0", "lam10")]
+    flags = ["--tasks", "synthetic-stripes", "--wise-ft", "0.5", "--workers", "0"]
+    fits, probe, killed = [], ldifs.linear_probe, [True]
+
+    def counted(*a, **k):
+        fits.append(1)
+        if len(fits) == 3 and killed[0]:  # two probes finished: the baseline's and one mix's
+            raise KeyboardInterrupt
+        return probe(*a, **k)
+
+    monkeypatch.setattr(ldifs, "linear_probe", counted)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    code, _, err = run_main(evaluation, [*runs, *flags, *cache], capsys)
+    assert code == 130 and "interrupted" in err, err
+    fits.clear()
+    killed[0] = False
+    code, resumed, err = run_main(evaluation, [*runs, *flags, *cache], capsys)
+    assert code == 0, err
+    assert len(fits) == 5 - 2  # baseline, then alpha 1 and 0.5 of each run; two were kept
+    fresh = ["--cache-dir", str(tmp_path / "fresh")]
+    assert run_main(evaluation, [*runs, *flags, *fresh], capsys)[1] == resumed
+    assert len(fits) == 3 + 5
+
+
+def test_the_encoder_digest_names_the_layers_and_the_weights():
+    ldifs.register_tiny_clip()
+    encoder = open_clip.create_model(ldifs.TINY_CLIP).visual
+    same = copy.deepcopy(encoder)
+    assert evaluation.encoder_digest(same) == evaluation.encoder_digest(encoder)
+    with torch.no_grad():
+        next(same.parameters()).view(-1)[0] += 1e-6
+    assert evaluation.encoder_digest(same) != evaluation.encoder_digest(encoder)
+    quick = open_clip.create_model(ldifs.TINY_CLIP, force_quick_gelu=True).visual
+    quick.load_state_dict(encoder.state_dict())  # the same weights, another activation
+    assert evaluation.encoder_digest(quick) != evaluation.encoder_digest(encoder)
+
+
 def test_eval_gives_each_mix_one_row(two_runs, tmp_path, capsys):
     run, out = str(two_runs[0] / "lam0"), tmp_path / "e.json"
     flags = ["--tasks", "none", "--wise-ft", "0.5,1,0.5", "--workers", "0", "--json", str(out)]
