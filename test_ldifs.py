@@ -670,6 +670,21 @@ def test_the_encoder_digest_names_the_layers_and_the_weights():
     assert evaluation.encoder_digest(quick) != evaluation.encoder_digest(encoder)
 
 
+def test_eval_keeps_no_a_lp_of_another_key_or_a_corrupt_one_and_warns_when_it_cannot(
+    tmp_path, capsys
+):
+    path, key = tmp_path / "a_lp.json", {"encoder": "digest", "task": "t", "split": "a_lp"}
+    assert evaluation.kept_a_lp(path, key) is None
+    evaluation.keep_a_lp(0.5, path, key)
+    assert evaluation.kept_a_lp(path, key) == 0.5
+    assert evaluation.kept_a_lp(path, {**key, "encoder": "another"}) is None
+    path.write_text(path.read_text()[:10])
+    assert evaluation.kept_a_lp(path, key) is None
+    (tmp_path / "file").write_text("")
+    evaluation.keep_a_lp(0.5, tmp_path / "file/cache/a_lp.json", key)  # not a folder
+    assert f"cannot cache in {tmp_path / 'file/cache'}" in capsys.readouterr().err
+
+
 def test_eval_gives_each_mix_one_row(two_runs, tmp_path, capsys):
     run, out = str(two_runs[0] / "lam0"), tmp_path / "e.json"
     flags = ["--tasks", "none", "--wise-ft", "0.5,1,0.5", "--workers", "0", "--json", str(out)]
