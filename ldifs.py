@@ -624,17 +624,22 @@ def forgetting_on(task, reference, encoder, clip, transform, args):
     return row
 
 
-def evaluate_forgetting(reference, encoder, clip, transform, args):
-    """forgetting_on for every eval task; a task whose data is missing is skipped with a
-    warning and never costs the run."""
-    results = {}
+def evaluate_forgetting(reference, encoder, clip, transform, metrics, out, args):
+    """forgetting_on for every eval task, each row written to metrics.json as it is measured:
+    a run killed here measures only the others when resumed. A task whose data is missing is
+    skipped with a warning, and tried again on a resume; it never costs the run."""
+    rows = metrics.setdefault("forgetting_so_far", {})
     for name in args.eval_tasks:
+        if name in rows and "skipped" not in rows[name]:  # measured before the run was killed
+            continue
         try:
-            results[name] = forgetting_on(get_task(name), reference, encoder, clip, transform, args)
+            rows[name] = forgetting_on(get_task(name), reference, encoder, clip, transform, args)
         except DataMissing as e:
             print(f"ldifs.py: warning: skipping eval task {name}: {e}", file=sys.stderr)
-            results[name] = {"skipped": str(e)}
-    return results
+            rows[name] = {"skipped": str(e)}
+        write_json(metrics, out / "metrics.json")
+    del metrics["forgetting_so_far"]
+    return {name: rows[name] for name in args.eval_tasks}
 
 
 FORGETTING_COLUMNS = (
@@ -2246,8 +2251,9 @@ def finished(metrics):
 
 
 def measured_before(out):
-    """The training figures an earlier run of this stage wrote to metrics.json, if any."""
-    measures = ("train_seconds", "train_images_per_second", "peak_memory_mb")
+    """The training figures and forgetting rows that an earlier run of this stage wrote to
+    metrics.json, if any."""
+    measures = ("train_seconds", "train_images_per_second", "peak_memory_mb", "forgetting_so_far")
     return {k: v for k, v in read_metrics(out).items() if k in measures}
 
 
@@ -2266,7 +2272,7 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
     if not args.eval_tasks:
         return
     metrics["forgetting"] = evaluate_forgetting(
-        pretrained, classifier.encoder, clip, transform, args
+        pretrained, classifier.encoder, clip, transform, metrics, stage.out, args
     )
     write_json(metrics, stage.out / "metrics.json")  # before printing: stdout may be closed
     print(

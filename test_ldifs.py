@@ -2530,6 +2530,36 @@ def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
     assert "synthetic-stripes" in strict_json((tmp_path / "metrics.json").read_text())["forgetting"]
 
 
+def test_a_run_killed_in_the_forgetting_evaluation_measures_only_the_other_tasks_on_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """Each eval task's row is written as it is measured: the resumed run measures only the
+    others. One skipped for want of data is tried again: the data may be there now."""
+    eval_tasks = ["synthetic-stripes", "dtd", "gtsrb"]
+    flags = [*RESUME_FLAGS[:-1], ",".join(eval_tasks), "--workers", "0"]
+    flags += ["--no-download", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path)]
+    measured, measure = [], ldifs.forgetting_on
+
+    def killed_at_gtsrb(task, *args):
+        measured.append(task.name)
+        if task.name == "gtsrb" and len(measured) == 3:
+            raise KeyboardInterrupt
+        return measure(task, *args)
+
+    monkeypatch.setattr(ldifs, "forgetting_on", killed_at_gtsrb)
+    assert run_main(ldifs, flags, capsys)[0] == 130
+    kept = strict_json((tmp_path / "metrics.json").read_text())["forgetting_so_far"]
+    assert list(kept) == ["synthetic-stripes", "dtd"] and "skipped" in kept["dtd"]
+    measured.clear()
+    code, out, err = run_main(ldifs, [*flags, "--resume"], capsys)
+    assert code == 0, err
+    assert measured == ["dtd", "gtsrb"]
+    metrics = strict_json((tmp_path / "metrics.json").read_text())
+    assert "forgetting_so_far" not in metrics and list(metrics["forgetting"]) == eval_tasks
+    assert metrics["forgetting"]["synthetic-stripes"] == kept["synthetic-stripes"]
+    assert "skipped" in metrics["forgetting"]["gtsrb"] and "| synthetic-stripes |" in out
+
+
 class ClosedPipe:
     """stdout piped into `head`, which has exited: every write raises BrokenPipeError."""
 
