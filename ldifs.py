@@ -38,6 +38,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -824,13 +825,35 @@ def check_gpu_kernels(device):
     built = [int(re.search(r"\d+", arch)[0]) for arch in torch.cuda.get_arch_list()]  # sm_90a
     oldest = min(built, default=0)
     if 10 * major + minor < oldest:
-        versions = [module.__version__.split("+")[0] for module in (torch, torchvision)]
         raise UserError(
             f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) is older "
             f"than the GPUs this torch build runs on (CUDA {torch.version.cuda}, from "
-            f"{oldest / 10:g}); install its CUDA 12.6 build: pip install torch=={versions[0]} "
-            f"torchvision=={versions[1]} --index-url https://download.pytorch.org/whl/cu126"
+            f"{oldest / 10:g}); install its CUDA 12.6 build: {cuda12_install()}"
         )
+
+
+def cuda12_install():
+    """The command that installs this torch's CUDA 12.6 build, which runs from driver 525."""
+    versions = [module.__version__.split("+")[0] for module in (torch, torchvision)]
+    return (
+        f"pip install torch=={versions[0]} torchvision=={versions[1]} "
+        "--index-url https://download.pytorch.org/whl/cu126"
+    )
+
+
+def unusable_gpus():
+    """The NVIDIA GPUs that NVML counts (as CUDA_VISIBLE_DEVICES leaves them) but CUDA cannot
+    start on, and torch's reason. Under a driver older than the build's CUDA, torch only warns
+    and finds no GPU, and the run went on on the CPU."""
+    if not torch.version.cuda:
+        return 0, ""
+    with warnings.catch_warnings(record=True) as caught:  # torch's warning goes in our line
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return 0, ""
+    said = [str(w.message).removeprefix("CUDA initialization: ") for w in caught]
+    reason = said[-1].split(". ")[0] if said else "most likely their driver is too old for it"
+    return torch.cuda.device_count(), reason  # NVML's count, while CUDA has not started
 
 
 def check_model(name, pretrained):
@@ -2090,6 +2113,13 @@ def model_name(text):
 
 def pick_device(name):
     """--device: cuda if available, else cpu, for '' or None; else a device this machine has."""
+    gpus, reason = unusable_gpus() if not name or name.startswith("cuda") else (0, "")
+    if gpus:
+        raise argparse.ArgumentTypeError(
+            f"this torch build (CUDA {torch.version.cuda}) cannot use this machine's NVIDIA "
+            f"GPUs ({gpus}): {reason}; install its CUDA 12.6 build: {cuda12_install()}; or pass "
+            "--device cpu"
+        )
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:

@@ -1,5 +1,6 @@
 """Checks of ldifs.py on a tiny CLIP and synthetic images, offline, on 2 CPU cores."""
 
+import argparse
 import ast
 import copy
 import dataclasses
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 import open_clip
@@ -40,9 +42,11 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(autouse=True)
 def no_gpu_but_for_the_cuda_tests(request, monkeypatch):
-    """The checks compare CPU runs; the CUDA tests and the benchmarks pick the GPU themselves."""
+    """The checks compare CPU runs; the CUDA tests and the benchmarks pick the GPU themselves.
+    NVML's count of GPUs goes too: GPUs that CUDA cannot start on are an error."""
     if not request.node.name.startswith(("test_cuda_", "test_bench_")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 def run_env(flags):
@@ -1188,6 +1192,45 @@ def test_a_gpu_older_than_the_torch_build_is_one_line_naming_the_build_to_instal
         "{} torchvision=={} --index-url https://download.pytorch.org/whl/cu126".format(*versions)
     )
     ldifs.check_gpu_kernels(torch.device("cpu"))  # the CPU needs no kernels built for it
+
+
+@pytest.mark.parametrize("module", [ldifs, evaluation])
+def test_gpus_this_torch_build_cannot_start_are_one_line_not_a_silent_run_on_the_cpu(
+    capsys, module, tmp_path, monkeypatch
+):
+    """PyPI's torch 2.14.1 is built for CUDA 13, which needs driver 580. Under an older one
+    torch only warns and finds no GPU: the default device was the CPU, unasked, and
+    --device cuda ended in a traceback. Faked here: NVML counts the GPUs (as
+    CUDA_VISIBLE_DEVICES leaves them), and CUDA cannot start on them."""
+
+    def too_old_a_driver():
+        warnings.warn(
+            "CUDA initialization: The NVIDIA driver on your system is too old (found version "
+            "12040). Please update your GPU driver by downloading and installing a new version",
+            stacklevel=1,
+        )
+        return False
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", too_old_a_driver)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    flags = ["--task", "synthetic"] if module is ldifs else [str(tmp_path)]
+    versions = [m.__version__.split("+")[0] for m in (torch, torchvision)]
+    for device in ([], ["--device", "cuda"], ["--device", "cuda:1"]):
+        code, _, err = run_main(module, [*flags, *device], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert (
+            "this torch build (CUDA 13.0) cannot use this machine's NVIDIA GPUs (2): The NVIDIA "
+            "driver on your system is too old (found version 12040); install its CUDA 12.6 "
+            "build: pip install torch=={} torchvision=={} --index-url https://download.pytorch"
+            ".org/whl/cu126; or pass --device cpu".format(*versions)
+        ) in err
+    assert ldifs.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # torch warned before
+    with pytest.raises(argparse.ArgumentTypeError, match=r"GPUs \(2\): most likely their driver"):
+        ldifs.pick_device("")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no GPU, or all hidden
+    assert ldifs.pick_device("") == torch.device("cpu")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, where even root can't write")
