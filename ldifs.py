@@ -35,6 +35,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -587,6 +588,7 @@ def cached_features(encoder, data, key, args):
     x, y = extract_features(encoder, data, args)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        delete_dead_writes(path.parent)
         atomic_save({"key": key, "x": x.cpu(), "y": y.cpu()}, path)
     except OSError as e:  # read-only, full: the cache saves time, never a run
         warn_once(f"cannot cache features in {path.parent} ({e.strerror or e}); see --cache-dir")
@@ -1738,9 +1740,33 @@ def delete_killed_writes(out):
     left in `out` and its stages' folders, each temporary file as big as the file it wrote.
     Called holding --out: no other run writes there."""
     for path in [*out.glob("*.tmp"), *out.glob("*/*.tmp")]:
-        ours = re.fullmatch(r"(.+)\.\d+\.tmp", path.name)  # atomic_write's name.<pid>.tmp
+        # atomic_write's name.<host>-<pid>.tmp, or an older ldifs.py's name.<pid>.tmp
+        ours = re.fullmatch(r"(.+)\.(\w*-)?\d+\.tmp", path.name)
         if ours and ours[1] in RUN_FILES:
             path.unlink(missing_ok=True)
+
+
+def delete_dead_writes(folder):
+    """Delete what `atomic_write`s of processes on this machine that were killed midway left
+    in a shared `folder`, such as the feature cache: 2.6 GB each for ViT-B/32 on ImageNet.
+    The writes of other machines that share it are left alone: they may still run."""
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would end the process
+        return
+    for path in folder.glob(f"*.{HOST}-*.tmp"):
+        pid = path.name.removesuffix(".tmp").rsplit("-", 1)[1]
+        if pid.isdigit() and not running(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def running(pid):
+    """Whether process `pid` runs on this machine: signal 0 sends nothing, only checks."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def check_writable(folder, what):
@@ -1792,10 +1818,13 @@ def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+HOST = re.sub(r"\W", "_", socket.gethostname())  # in temporary files' names, with the pid
+
+
 def atomic_write(path, write):
     """write(tmp), then rename tmp to path: a killed run keeps the old file, never half of one,
     and so does a machine that loses power, as tmp is on the disk before the rename."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks may race
+    tmp = path.with_name(f"{path.name}.{HOST}-{os.getpid()}.tmp")  # ranks, machines may race
     try:
         write(tmp)
         with open(tmp, "rb+") as written:  # else the rename can reach the disk before the data

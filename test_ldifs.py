@@ -2016,6 +2016,34 @@ def test_feature_cache_hits_misses_on_key_change_and_recomputes_corrupt_entries(
     assert encoder.calls == calls + 1 and torch.equal(x3, x1)
 
 
+def test_the_feature_cache_deletes_what_killed_writes_on_this_machine_left(tmp_path):
+    """A run killed while it writes a cache entry (SIGKILL, the OOM killer) leaves the
+    temporary file, 2.6 GB for ImageNet's train split, and each such kill another. The next
+    write there deletes those of ended processes on this machine, and no other: the cache may
+    be shared by machines, whose writes may still run."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    host, pid = ldifs.HOST, os.getpid()
+    stale = [
+        cache / f"t-train-1.pt.{host}-{ended.pid}.tmp",
+        cache / f"x.json.{host}-{ended.pid}.tmp",
+    ]
+    kept = [cache / f"t-train-1.pt.{host}-{pid}.tmp", cache / f"t-train-1.pt.other-{ended.pid}.tmp"]
+    kept.append(cache / "notes.tmp")
+    for path in stale + kept:
+        path.write_bytes(bytes(100))
+    args = tiny_args(tmp_path, "--cache-dir", str(cache))
+    data = [(torch.full((3, 4, 4), float(i)), i % 2) for i in range(10)]
+    key = {"model": "m", "pretrained": "p", "task": "t", "split": "train", "preprocess": "a"}
+    ldifs.cached_features(Counting(), data, key, args)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+    names = []
+    ldifs.atomic_write(tmp_path / "a.json", lambda tmp: [names.append(tmp.name), tmp.touch()])
+    assert names == [f"a.json.{host}-{pid}.tmp"]
+
+
 def test_an_unwritable_feature_cache_warns_and_the_run_goes_on(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "file/cache"))  # not a folder
