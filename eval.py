@@ -12,10 +12,8 @@ tasks, but must share the model and pre-trained weights.
 """
 
 import argparse
-import contextlib
 import copy
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -198,49 +196,16 @@ def wise_ft(pretrained, finetuned, alpha):
 
 
 def probe_row(encoder, tasks, transform, args, weights=None):
-    """{task: A_LP} of the encoder. Each A_LP is kept in the cache, so that a killed eval.py
-    goes on where it stopped: under `weights`, the pre-trained encoder's `weights_key`, whose
-    features are kept too, or else under a digest of the encoder (every mix's features would
-    fill the disk)."""
-    named = weights or encoder_digest(encoder)
-    row = {}
-    for name in tasks:
-        task = ldifs.get_task(name)
-        key = ldifs.feature_key(named, task, "a_lp", transform)
-        path = Path(args.cache_dir).expanduser() / f"a_lp-{ldifs.key_digest(key)}.json"
-        row[name] = kept_a_lp(path, key)
-        if row[name] is None:
-            f = ldifs.task_features(encoder, task, transform, args, weights)
-            row[name] = ldifs.linear_probe(*f["train"], *f["test"], val=f["val"])
-            keep_a_lp(row[name], path, key)
-    return row
-
-
-def kept_a_lp(path, key):
-    """The A_LP kept at `path` for `key`, or None; an entry made for another key is not used."""
-    with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
-        entry = json.loads(path.read_text())
-        if entry["key"] == key:
-            return entry["a_lp"]
-    return None
-
-
-def keep_a_lp(a_lp, path, key):
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ldifs.write_json({"key": key, "a_lp": a_lp}, path)
-    except OSError as e:  # read-only, full: the cache saves time, never an evaluation
-        ldifs.warn_once(f"cannot cache in {path.parent} ({e.strerror or e}); see --cache-dir")
-
-
-def encoder_digest(encoder):
-    """A digest of the encoder's layers and weights: what its features depend on, besides
-    the images and their preprocessing."""
-    digest = hashlib.sha256(repr(encoder).encode())
-    for name, tensor in encoder.state_dict().items():
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return {"encoder": digest.hexdigest()}
+    """{task: A_LP} of the encoder, kept in the cache: under `weights`, the pre-trained
+    encoder's `weights_key`, whose features are kept too, or else under a digest of the
+    encoder (every mix's features would fill the disk)."""
+    named = weights or ldifs.encoder_digest(encoder)
+    return {
+        name: ldifs.cached_linear_probe(
+            encoder, ldifs.get_task(name), transform, args, named, weights
+        )
+        for name in tasks
+    }
 
 
 def eval_tasks(runs, args):

@@ -576,11 +576,17 @@ def key_digest(key):
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def cache_entry(key, extension, args):
+    """The file that keeps `key`'s entry in the cache, named by its task (no path reaches a
+    file name raw), split and digest."""
+    name = f"{file_safe(key['task'])}-{key['split']}-{key_digest(key)}.{extension}"
+    return Path(args.cache_dir).expanduser() / name
+
+
 def cached_features(encoder, data, key, args):
     """extract_features, memoised on disk under `key`; an entry that is unreadable or made
     for another key is recomputed, never trusted."""
-    name = f"{file_safe(key['task'])}-{key['split']}-{key_digest(key)}.pt"
-    path = Path(args.cache_dir).expanduser() / name
+    path = cache_entry(key, "pt", args)
     with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
         entry = torch.load(path, map_location=args.device, weights_only=True)
         if entry["key"] == key and len(entry["x"]) == len(entry["y"]) == len(data):
@@ -611,20 +617,67 @@ def forgetting_on(task, reference, encoder, clip, transform, args):
     """Zero-shot (pre-trained text head) and linear-probe accuracy of the pre-trained and the
     fine-tuned image encoder on `task`, and the deltas (fine-tuned minus pre-trained)."""
     weights = weights_key(args.model, args.pretrained, args.seed)
-    features = {
-        "pretrained": task_features(reference, task, transform, args, weights),
-        "finetuned": task_features(encoder, task, transform, args),
+    encoders = {"pretrained": (reference, weights), "finetuned": (encoder, None)}
+    tests = {
+        which: task_features(model, task, transform, args, key, splits=("test",))["test"]
+        for which, (model, key) in encoders.items()
     }
     names = class_names(task, args.data_root)  # once the features have fetched the data
     tokenizer = tokenizer_of(args.model)
     zs = zero_shot_head(clip, tokenizer, names, task.templates, args.device)
     row = {}
-    for which, f in features.items():
-        row[f"zs_{which}"] = probe_accuracy(zs, *f["test"])
-        row[f"lp_{which}"] = linear_probe(*f["train"], *f["test"], val=f["val"])
+    for which, (model, key) in encoders.items():
+        row[f"zs_{which}"] = probe_accuracy(zs, *tests[which])
+        named = key or encoder_digest(model)
+        row[f"lp_{which}"] = cached_linear_probe(
+            model, task, transform, args, named, key, tests[which]
+        )
     row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
     row["delta_lp"] = row["lp_finetuned"] - row["lp_pretrained"]
     return row
+
+
+def cached_linear_probe(encoder, task, transform, args, named, weights=None, test=None):
+    """A_LP of the encoder on `task`, kept in the cache under `named` (its `weights_key`, or
+    an `encoder_digest`): eval.py reuses ldifs.py's, a sweep fits the pre-trained probe once,
+    and a killed eval.py goes on where it stopped. Features are extracted only when it is not
+    kept (`test`: those of the test split, at hand), and cached only under `weights`."""
+    key = feature_key(named, task, "a_lp", transform)
+    path = cache_entry(key, "json", args)
+    a_lp = kept_a_lp(path, key)
+    if a_lp is None:
+        splits = ("train", "val") if test else ("train", "val", "test")
+        f = {"test": test, **task_features(encoder, task, transform, args, weights, splits)}
+        a_lp = linear_probe(*f["train"], *f["test"], val=f["val"])
+        keep_a_lp(a_lp, path, key)
+    return a_lp
+
+
+def kept_a_lp(path, key):
+    """The A_LP kept at `path` for `key`, or None; an entry made for another key is not used."""
+    with contextlib.suppress(Exception):  # missing, truncated, corrupt: all mean recompute
+        entry = json.loads(path.read_text())
+        if entry["key"] == key:
+            return entry["a_lp"]
+    return None
+
+
+def keep_a_lp(a_lp, path, key):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json({"key": key, "a_lp": a_lp}, path)
+    except OSError as e:  # read-only, full: the cache saves time, never a run
+        warn_once(f"cannot cache in {path.parent} ({e.strerror or e}); see --cache-dir")
+
+
+def encoder_digest(encoder):
+    """A digest of the encoder's layers and weights: what its features depend on, besides
+    the images and their preprocessing."""
+    digest = hashlib.sha256(repr(encoder).encode())
+    for name, tensor in encoder.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return {"encoder": digest.hexdigest()}
 
 
 def evaluate_forgetting(reference, encoder, clip, transform, metrics, out, args):

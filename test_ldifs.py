@@ -665,27 +665,27 @@ def test_the_encoder_digest_names_the_layers_and_the_weights():
     ldifs.register_tiny_clip()
     encoder = open_clip.create_model(ldifs.TINY_CLIP).visual
     same = copy.deepcopy(encoder)
-    assert evaluation.encoder_digest(same) == evaluation.encoder_digest(encoder)
+    assert ldifs.encoder_digest(same) == ldifs.encoder_digest(encoder)
     with torch.no_grad():
         next(same.parameters()).view(-1)[0] += 1e-6
-    assert evaluation.encoder_digest(same) != evaluation.encoder_digest(encoder)
+    assert ldifs.encoder_digest(same) != ldifs.encoder_digest(encoder)
     quick = open_clip.create_model(ldifs.TINY_CLIP, force_quick_gelu=True).visual
     quick.load_state_dict(encoder.state_dict())  # the same weights, another activation
-    assert evaluation.encoder_digest(quick) != evaluation.encoder_digest(encoder)
+    assert ldifs.encoder_digest(quick) != ldifs.encoder_digest(encoder)
 
 
 def test_eval_keeps_no_a_lp_of_another_key_or_a_corrupt_one_and_warns_when_it_cannot(
     tmp_path, capsys
 ):
     path, key = tmp_path / "a_lp.json", {"encoder": "digest", "task": "t", "split": "a_lp"}
-    assert evaluation.kept_a_lp(path, key) is None
-    evaluation.keep_a_lp(0.5, path, key)
-    assert evaluation.kept_a_lp(path, key) == 0.5
-    assert evaluation.kept_a_lp(path, {**key, "encoder": "another"}) is None
+    assert ldifs.kept_a_lp(path, key) is None
+    ldifs.keep_a_lp(0.5, path, key)
+    assert ldifs.kept_a_lp(path, key) == 0.5
+    assert ldifs.kept_a_lp(path, {**key, "encoder": "another"}) is None
     path.write_text(path.read_text()[:10])
-    assert evaluation.kept_a_lp(path, key) is None
+    assert ldifs.kept_a_lp(path, key) is None
     (tmp_path / "file").write_text("")
-    evaluation.keep_a_lp(0.5, tmp_path / "file/cache/a_lp.json", key)  # not a folder
+    ldifs.keep_a_lp(0.5, tmp_path / "file/cache/a_lp.json", key)  # not a folder
     assert f"cannot cache in {tmp_path / 'file/cache'}" in capsys.readouterr().err
 
 
@@ -1985,6 +1985,45 @@ def test_forgetting_deltas_are_finetuned_minus_pretrained(tmp_path):
     assert row["delta_zs"] == pytest.approx(row["zs_finetuned"] - row["zs_pretrained"])
     table = ldifs.forgetting_table({"synthetic": row})
     assert f"{100 * row['delta_lp']:+.1f}" in table
+
+
+def counted_probe_fits(monkeypatch):
+    """The list that gets an entry for every linear probe fit for an A_LP from now on."""
+    fits, probe = [], ldifs.linear_probe
+    monkeypatch.setattr(ldifs, "linear_probe", lambda *a, **k: [fits.append(1), probe(*a, **k)][1])
+    return fits
+
+
+def test_forgetting_fits_no_probe_whose_a_lp_the_cache_keeps(tmp_path, monkeypatch):
+    """A sweep over --lam measured the pre-trained encoder's A_LPs once a run, and eval.py
+    measured each run's again: both are kept in the cache, keyed by the encoder's weights."""
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    task, finetuned = ldifs.TASKS["synthetic-stripes"], copy.deepcopy(clip.visual)
+    first = ldifs.forgetting_on(task, clip.visual, finetuned, clip, transform, args)
+    fits = counted_probe_fits(monkeypatch)
+    assert ldifs.forgetting_on(task, clip.visual, finetuned, clip, transform, args) == first
+    assert fits == []
+    with torch.no_grad():
+        next(finetuned.parameters()).view(-1)[0] += 1e-3  # another run's weights
+    ldifs.forgetting_on(task, clip.visual, finetuned, clip, transform, args)
+    assert len(fits) == 1  # the fine-tuned encoder's alone
+
+
+def test_eval_reuses_the_a_lps_the_run_measured(two_runs, tmp_path, capsys, monkeypatch):
+    root, _ = two_runs
+    out, fits = tmp_path / "e.json", counted_probe_fits(monkeypatch)
+    flags = ["--tasks", "synthetic-stripes", "--workers", "0", "--json", str(out)]
+    code, _, err = run_main(
+        evaluation, [str(root / "lam10"), *flags, "--cache-dir", str(root / "cache")], capsys
+    )
+    assert code == 0, err
+    recorded = json.loads((root / "lam10/metrics.json").read_text())["forgetting"]
+    rows = json.loads(out.read_text())["rows"]
+    a_lps = [row["a_lp"]["synthetic-stripes"] for row in rows]
+    assert fits == [] and a_lps == [
+        recorded["synthetic-stripes"][k] for k in ("lp_pretrained", "lp_finetuned")
+    ]
 
 
 class Counting(torch.nn.Module):
