@@ -328,11 +328,10 @@ class TrainLog:
         self.sums = torch.zeros(3, device=args.device)  # CE, D and L2-SP since the last line
         self.bad_step = torch.tensor(-1, device=args.device)  # the first non-finite step
         self.since, self.clock = 0, None
-        main = stage.rank == 0
         mode = "a" if start_step else "w"  # from step 0: over a run killed before a checkpoint
-        self.file = open(stage.out / "log.jsonl", mode) if main else None
+        self.file = open(stage.out / "log.jsonl", mode) if stage.rank == 0 else None
         name, total = stage.task.name, stage.total_steps
-        self.bar = tqdm(total=total, initial=start_step, desc=f"train {name}", disable=not main)
+        self.bar = progress_bar(total=total, initial=start_step, desc=f"train {name}")
 
     def record(self, step, ce, distance, penalty, lr):
         parts = torch.stack([ce, distance, penalty]).detach()
@@ -359,7 +358,8 @@ class TrainLog:
             self.file.write(json.dumps(line) + "\n")
             self.file.flush()
         shown = "-" if rate is None else f"{rate:.1f}"
-        self.bar.set_postfix(ce=f"{ce:.3f}", ldifs=f"{lam * d:.4f}", img_s=shown)
+        postfix = {"ce": f"{ce:.3f}", "ldifs": f"{lam * d:.4f}", "img_s": shown}
+        self.bar.set_postfix(postfix, refresh=False)  # a redraw each line would flood logs
         self.sums.zero_()
         self.since = 0
 
@@ -426,6 +426,14 @@ def other_rank():
     return torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
 
 
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on rank 0. Only the other ranks set `disable`, so tqdm's environment
+    variables apply: TQDM_DISABLE=1, or TQDM_MININTERVAL=60 for a batch job's log."""
+    if other_rank():
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
+
+
 def peak_memory_mb(device):
     """CUDA's peak allocated memory, or on the CPU the process's peak resident set (None on
     Windows, which lacks the `resource` module)."""
@@ -450,7 +458,7 @@ def extract_features(encoder, data, args):
     loading = dict(num_workers=args.workers, worker_init_fn=quiet_worker_exit)
     loader = DataLoader(data, batch_size=args.eval_batch_size, **loading)
     xs, ys = [], []
-    bar = tqdm(loader, desc="features", unit="batch", leave=False, disable=other_rank())
+    bar = progress_bar(loader, desc="features", unit="batch", leave=False)
     finish = data.finish if isinstance(data, Transformed) else lambda images: images
     for images, labels in bar:
         embedding = image_embedding(encoder, finish(images.to(args.device)))
@@ -475,7 +483,7 @@ def fit_linear_probes(x, y, num_classes, lrs, steps=1000, seed=0):
     heads = [seeded_linear(x.shape[1], num_classes, seed).to(x.device) for _ in lrs]
     at_once = max(1, PROBE_LOGITS // (len(x) * num_classes))
     total = steps * len(lrs)
-    with tqdm(total=total, desc="linear probe", leave=False, disable=other_rank()) as bar:
+    with progress_bar(total=total, desc="linear probe", leave=False) as bar:
         for k in range(0, len(lrs), at_once):
             fit_side_by_side(x, y, heads[k : k + at_once], lrs[k : k + at_once], steps, bar)
     return heads

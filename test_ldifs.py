@@ -2620,6 +2620,29 @@ def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, ca
     assert f"({measured['train_images_per_second']:.1f} images/s)" in out
 
 
+def test_tqdm_environment_variables_reach_every_progress_bar(tmp_path, capsys, monkeypatch):
+    """A batch job's log keeps every refresh of every bar. tqdm's own variables, read when
+    it is imported, keep it short, so no bar may set what they set: TQDM_DISABLE=1 draws
+    none, and with TQDM_MININTERVAL=3600 a bar is drawn when it starts and when it ends."""
+    bars, probe_starts = ("train synthetic:", "features:", "linear probe:"), "linear probe:   0%"
+
+    def flags(run):  # a cache of its own: a cached probe draws no bar
+        out = ["--out", str(tmp_path / run), "--cache-dir", str(tmp_path / run / "cache")]
+        return [*RESUME_FLAGS[:-1], "synthetic-stripes", "--workers", "0", *out]
+
+    code, _, drawn = run_main(ldifs, flags("drawn"), capsys)
+    assert code == 0 and all(bar in drawn for bar in bars)
+    assert drawn.count(bars[2]) > drawn.count(probe_starts) > 0
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    disabled = run_cli(*flags("disabled"))
+    assert disabled.returncode == 0 and not any(bar in disabled.stderr for bar in bars)
+    monkeypatch.delenv("TQDM_DISABLE")
+    monkeypatch.setenv("TQDM_MININTERVAL", "3600")
+    hourly = run_cli(*flags("hourly"))
+    assert hourly.returncode == 0 and hourly.stderr.count(bars[0]) == 2  # its loss lines too
+    assert hourly.stderr.count(bars[2]) == hourly.stderr.count(probe_starts) > 0  # left: none
+
+
 def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
     tmp_path, capsys, monkeypatch
 ):
