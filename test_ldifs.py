@@ -49,6 +49,16 @@ def no_gpu_but_for_the_cuda_tests(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def a_cache_of_their_own(tmp_path_factory):
+    """One cache for the session's checks, in and out of this process, not the user's."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LDIFS_CACHE", cache)
+        patch.setattr(ldifs, "CACHE_DIR", cache)
+        yield
+
+
 def run_env(flags):
     """The environment of a run the checks start: a GPU machine's GPUs hidden unless the flags
     name a CUDA device."""
@@ -67,6 +77,15 @@ def test_the_checks_run_on_the_cpu_even_on_a_gpu_machine():
     assert run_env(["--task", "synthetic"])["CUDA_VISIBLE_DEVICES"] == ""
     visible = run_env(["--device", "cuda"]).get("CUDA_VISIBLE_DEVICES")
     assert visible == os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_the_checks_keep_their_cache_out_of_the_users(tmp_path_factory):
+    """Runs that name no --cache-dir use $LDIFS_CACHE or ~/.cache/ldifs: the checks' entries
+    would land in the user's cache, and a check would find a past session's probes there."""
+    cache = Path(ldifs.parse_args([]).cache_dir)
+    assert tmp_path_factory.getbasetemp() in cache.parents
+    assert evaluation.parse_args(["runs/x"]).cache_dir == cache
+    assert run_env([])["LDIFS_CACHE"] == str(cache)
 
 
 def tiny_args(tmp_path, *flags):
