@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -565,10 +566,15 @@ def hub_files(repo):
 
 def files_digest(paths):
     """A digest of the files' real paths, sizes and mtimes: it changes when one does."""
-    stats = []
-    for path in paths:  # one stat a file: a folder task may hold a million
-        stat = os.stat(path)
-        stats.append((os.path.realpath(path), stat.st_size, stat.st_mtime_ns))
+    stats, real_folder = [], functools.cache(os.path.realpath)
+    for path in paths:  # a folder task may hold a million: one lstat a file, one realpath a folder
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            real, info = os.path.realpath(path), os.stat(path)
+        else:  # realpath(path), without its lstat of every part of the path again
+            folder, name = os.path.split(path)
+            real = os.path.join(real_folder(folder), name)
+        stats.append((real, info.st_size, info.st_mtime_ns))
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 

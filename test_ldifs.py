@@ -4,6 +4,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
@@ -2072,6 +2073,24 @@ def test_feature_cache_hits_misses_on_key_change_and_recomputes_corrupt_entries(
     calls = encoder.calls
     x3, _ = ldifs.cached_features(encoder, data, key, args)
     assert encoder.calls == calls + 1 and torch.equal(x3, x1)
+
+
+def test_files_digest_is_of_the_real_paths_sizes_and_mtimes(tmp_path, monkeypatch):
+    """files_digest stats a file once and resolves a folder once (a folder task may hold a
+    million images): through linked files and folders, and from a relative path, it must
+    still digest each file's real path, size and mtime."""
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("a", "bb"):
+        (real / f"{name}.jpg").write_bytes(name.encode())
+    (tmp_path / "linked").symlink_to(real)
+    (real / "c.jpg").symlink_to(real / "bb.jpg")
+    monkeypatch.chdir(real)
+    paths = [real / "a.jpg", tmp_path / "linked" / "bb.jpg", str(real / "c.jpg"), "bb.jpg"]
+    paths.append(tmp_path / "linked" / "c.jpg")
+    stats = [(os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    assert ldifs.files_digest(paths) == hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    assert len({real for real, _, _ in stats}) == 2  # the links name the files they link to
 
 
 def test_the_feature_cache_deletes_what_killed_writes_on_this_machine_left(tmp_path):
