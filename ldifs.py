@@ -663,7 +663,8 @@ def cached_linear_probe(encoder, task, transform, args, named, weights=None, tes
         splits = ("train", "val") if test else ("train", "val", "test")
         f = {"test": test, **task_features(encoder, task, transform, args, weights, splits)}
         a_lp = linear_probe(*f["train"], *f["test"], val=f["val"])
-        keep_a_lp(a_lp, path, key)
+        if not any(in_part(task, split, len(y)) for split, (_, y) in f.items()):
+            keep_a_lp(a_lp, path, key)  # not from data unpacked in part: it outlives the fix
     return a_lp
 
 
@@ -1266,13 +1267,22 @@ def get_dataset(task, split, root, transform=None, download=True):
             data = task.load(root, split, fetch)
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download) from e
-    whole = dict(zip(("train", "val", "test"), task.split_sizes, strict=False))
-    if whole and len(data) != whole[split]:  # torchvision checks only that a folder exists
+    if in_part(task, split, len(data)):  # torchvision checks only that a folder exists
         warn_once(
             f"{task.name}: {len(data)} {split} images in {root}, not the dataset's "
-            f"{whole[split]}: unpacked in part? delete it to download it again"
+            f"{whole_split(task, split)}: unpacked in part? delete it to download it again"
         )
     return Transformed(data, transform) if transform else data
+
+
+def whole_split(task, split):
+    """The number of images in `split` of the whole dataset, where it is fixed (else None)."""
+    return dict(zip(("train", "val", "test"), task.split_sizes, strict=False)).get(split)
+
+
+def in_part(task, split, size):
+    """Whether `size` images are not the whole dataset's `split`, where its size is fixed."""
+    return whole_split(task, split) not in (None, size)
 
 
 def fetching(task, root):

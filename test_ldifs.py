@@ -2030,6 +2030,21 @@ def test_forgetting_fits_no_probe_whose_a_lp_the_cache_keeps(tmp_path, monkeypat
     assert len(fits) == 1  # the fine-tuned encoder's alone
 
 
+def test_an_a_lp_measured_on_a_dataset_unpacked_in_part_is_not_kept(tmp_path, monkeypatch):
+    """Data of other than the dataset's size gets a warning (unpacked in part? download it
+    again), and the user mends it: an A_LP kept from it would be read on, the baseline of
+    every later run. One measured on the whole dataset is kept."""
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    whole = dataclasses.replace(ldifs.TASKS["synthetic-stripes"], split_sizes=(2400, 240, 600))
+    in_part = dataclasses.replace(whole, split_sizes=(2401, 240, 600))  # a train image short
+    weights = ldifs.weights_key(args.model, args.pretrained, args.seed)
+    fits = counted_probe_fits(monkeypatch)
+    for task in (in_part, in_part, whole, whole):
+        ldifs.cached_linear_probe(clip.visual, task, transform, args, weights, weights)
+    assert len(fits) == 3
+
+
 def test_eval_reuses_the_a_lps_the_run_measured(two_runs, tmp_path, capsys, monkeypatch):
     root, _ = two_runs
     out, fits = tmp_path / "e.json", counted_probe_fits(monkeypatch)
