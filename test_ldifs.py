@@ -62,8 +62,9 @@ def a_cache_of_their_own(tmp_path_factory):
 
 def run_env(flags):
     """The environment of a run the checks start: a GPU machine's GPUs hidden unless the flags
-    name a CUDA device."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    name a CUDA device, and no TQDM_* variable of the shell's (they set what the bars draw)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env["HF_HUB_OFFLINE"] = "1"
     if not any(str(flag).startswith("cuda") for flag in flags):
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
@@ -515,12 +516,12 @@ def ctrl_c(*_args):
     raise KeyboardInterrupt
 
 
-def run_cli(*flags, script="ldifs.py", launcher=()):
+def run_cli(*flags, script="ldifs.py", launcher=(), env=None):
     return subprocess.run(
         [sys.executable, *launcher, str(HERE / script), *flags],
         capture_output=True,
         text=True,
-        env=run_env(flags),
+        env={**run_env(flags), **(env or {})},
         cwd=HERE,
     )
 
@@ -2105,7 +2106,7 @@ def test_files_digest_is_of_the_real_paths_sizes_and_mtimes(tmp_path, monkeypatc
     paths.append(tmp_path / "linked" / "c.jpg")
     stats = [(os.path.realpath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     assert ldifs.files_digest(paths) == hashlib.sha256(json.dumps(stats).encode()).hexdigest()
-    assert len({real for real, _, _ in stats}) == 2  # the links name the files they link to
+    assert len({path for path, _, _ in stats}) == 2  # the links name the files they link to
 
 
 def test_the_feature_cache_deletes_what_killed_writes_on_this_machine_left(tmp_path):
@@ -2673,27 +2674,27 @@ def test_a_resume_that_only_evaluates_keeps_the_measured_throughput(tmp_path, ca
     assert f"({measured['train_images_per_second']:.1f} images/s)" in out
 
 
-def test_tqdm_environment_variables_reach_every_progress_bar(tmp_path, capsys, monkeypatch):
+def test_tqdm_environment_variables_reach_every_progress_bar(tmp_path, monkeypatch):
     """A batch job's log keeps every refresh of every bar. tqdm's own variables, read when
     it is imported, keep it short, so no bar may set what they set: TQDM_DISABLE=1 draws
     none, and with TQDM_MININTERVAL=3600 a bar is drawn when it starts and when it ends."""
     bars, probe_starts = ("train synthetic:", "features:", "linear probe:"), "linear probe:   0%"
 
-    def flags(run):  # a cache of its own: a cached probe draws no bar
-        out = ["--out", str(tmp_path / run), "--cache-dir", str(tmp_path / run / "cache")]
-        return [*RESUME_FLAGS[:-1], "synthetic-stripes", "--workers", "0", *out]
+    def run(name, **env):  # a cache of its own: a cached probe draws no bar
+        out = ["--out", str(tmp_path / name), "--cache-dir", str(tmp_path / name / "cache")]
+        result = run_cli(*RESUME_FLAGS[:-1], "synthetic-stripes", "--workers", "0", *out, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
 
-    code, _, drawn = run_main(ldifs, flags("drawn"), capsys)
-    assert code == 0 and all(bar in drawn for bar in bars)
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # the shell's: the runs do not see it
+    drawn = run("drawn")
+    assert all(bar in drawn for bar in bars)
     assert drawn.count(bars[2]) > drawn.count(probe_starts) > 0
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    disabled = run_cli(*flags("disabled"))
-    assert disabled.returncode == 0 and not any(bar in disabled.stderr for bar in bars)
-    monkeypatch.delenv("TQDM_DISABLE")
-    monkeypatch.setenv("TQDM_MININTERVAL", "3600")
-    hourly = run_cli(*flags("hourly"))
-    assert hourly.returncode == 0 and hourly.stderr.count(bars[0]) == 2  # its loss lines too
-    assert hourly.stderr.count(bars[2]) == hourly.stderr.count(probe_starts) > 0  # left: none
+    disabled = run("disabled", TQDM_DISABLE="1")
+    assert not any(bar in disabled for bar in bars)
+    hourly = run("hourly", TQDM_MININTERVAL="3600")
+    assert hourly.count(bars[0]) == 2  # the loss figures wait for a redraw, as the rest do
+    assert hourly.count(bars[2]) == hourly.count(probe_starts) > 0  # each probe: its start
 
 
 def test_a_run_killed_in_the_forgetting_evaluation_keeps_its_test_accuracy(
