@@ -578,11 +578,15 @@ def files_digest(paths):
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def feature_key(weights, task, split, transform):
-    """Everything the pre-trained encoder's features depend on, for the feature cache."""
+def feature_key(weights, task, split, transform, root):
+    """Everything the pre-trained encoder's features depend on, for the feature cache: for a
+    task whose split files may be missing (a seeded split stands in), the files there."""
     where = {"task": task.name, "split": split, "preprocess": repr(transform)}
     if task.images_digest:
         where["images"] = task.images_digest
+    if task.split_files:
+        files = task.split_files(os.path.expanduser(root))
+        where["split_files"] = [hashlib.sha256(path.read_bytes()).hexdigest() for path in files]
     return {**weights, **where, "format": 1}
 
 
@@ -621,7 +625,7 @@ def task_features(encoder, task, transform, args, weights=None, splits=("train",
     features = {}
     for split in splits:
         data = get_dataset(task, split, args.data_root, transform, args.download)
-        key = weights and feature_key(weights, task, split, transform)
+        key = weights and feature_key(weights, task, split, transform, args.data_root)
         cached = key and cached_features(encoder, data, key, args)
         features[split] = cached or extract_features(encoder, data, args)
     return features
@@ -656,7 +660,7 @@ def cached_linear_probe(encoder, task, transform, args, named, weights=None, tes
     an `encoder_digest`): eval.py reuses ldifs.py's, a sweep fits the pre-trained probe once,
     and a killed eval.py goes on where it stopped. Features are extracted only when it is not
     kept (`test`: those of the test split, at hand), and cached only under `weights`."""
-    key = feature_key(named, task, "a_lp", transform)
+    key = feature_key(named, task, "a_lp", transform, args.data_root)
     path = cache_entry(key, "json", args)
     a_lp = kept_a_lp(path, key)
     if a_lp is None:
@@ -1051,6 +1055,7 @@ class Task:
     recipe: dict = dataclasses.field(default_factory=dict)  # overrides of the release's recipe
     images_digest: str = ""  # of data users edit (folder tasks), for the feature cache's key
     split_sizes: tuple = ()  # (train, val, test) of the whole dataset, when it is fixed
+    split_files: Callable | None = None  # root -> the split files there (else a seeded split)
 
     def __post_init__(self):
         if not self.num_classes:
@@ -1177,6 +1182,11 @@ def load_resisc45(root, split, download):
     return official_split(make, split)
 
 
+def resisc45_split_files(root):
+    base = Path(root) / "resisc45"
+    return [p for s in ("train", "test") if (p := base / f"resisc45-{s}.txt").exists()]
+
+
 def resisc45_classes(root):
     # The release's list is the sorted folder names, '_' read as ' '.
     folder = require(Path(root) / "resisc45" / "NWPU-RESISC45")
@@ -1198,6 +1208,12 @@ def sun397_partition(base, name):
     return next((p for p in (base / name, base / "Partitions" / name) if p.exists()), None)
 
 
+def sun397_partition_1(root):
+    """The files of partition 1 that are there: Training_01.txt, Testing_01.txt."""
+    base = Path(root) / "SUN397"
+    return [p for s in ("Training", "Testing") if (p := sun397_partition(base, f"{s}_01.txt"))]
+
+
 def load_sun397(root, split, download):
     # This literature's split: the official partition 1 (Training_01 / Testing_01).
     base = Path(root) / "SUN397"
@@ -1207,8 +1223,8 @@ def load_sun397(root, split, download):
             torchvision.datasets.utils.download_and_extract_archive(SUN397_PARTITIONS, base)
     lines = require(base / "ClassName.txt").read_text().split()
     label = {line: i for i, line in enumerate(lines)}  # '/a/abbey' -> 0
-    parts = [sun397_partition(base, f"{p}_01.txt") for p in ("Training", "Testing")]
-    if all(parts):
+    parts = sun397_partition_1(root)
+    if len(parts) == 2:
         files = [part.read_text().split() for part in parts]
         sample = lambda f: (str(base / f.lstrip("/")), label[f.rsplit("/", 1)[0]])  # noqa: E731
         return official_split(lambda train: Samples(list(map(sample, files[1 - train]))), split)
@@ -1611,6 +1627,7 @@ TASKS = {
             templates=SATELLITE_TEMPLATES,
             epochs=15,
             load=load_resisc45,
+            split_files=resisc45_split_files,
             layout="resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,test}.txt)",
             source="NWPU-RESISC45, by hand (e.g. via torchgeo), with the standard split files",
             split_rule="train file minus a seeded 10% val; test file (else seeded 60/20/20)",
@@ -1621,6 +1638,7 @@ TASKS = {
             num_classes=397,
             epochs=14,
             load=load_sun397,
+            split_files=sun397_partition_1,
             templates=("a photo of a {}.", "a photo of the {}."),
             layout="SUN397/{ClassName.txt,Training_01.txt,Testing_01.txt,<letter>/<class>/*.jpg}",
             source="torchvision.datasets.SUN397 (37 GB) and Partitions.zip",

@@ -1679,11 +1679,15 @@ def torchvision_cars_without_scipy(root, split, download):
     raise RuntimeError("Scipy is not found. This dataset needs to have scipy installed: ...")
 
 
-def test_resisc45_uses_the_standard_split_files(tmp_path):
-    make_resisc45(tmp_path)
+def write_resisc45_split_files(root):
     for split, ks in {"train": (0, 1, 2), "val": (3,), "test": (4,)}.items():
         names = [f"{c}_{k:03d}.jpg" for c in FAKE_RESISC45_CLASSES for k in ks]
-        (tmp_path / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names))
+        (root / "resisc45" / f"resisc45-{split}.txt").write_text("\n".join(names))
+
+
+def test_resisc45_uses_the_standard_split_files(tmp_path):
+    make_resisc45(tmp_path)
+    write_resisc45_split_files(tmp_path)
     splits = assert_splits("resisc45", tmp_path, {"train": 122, "val": 13, "test": 45})
     assert all(p.endswith("_004.jpg") for p in image_ids(splits["test"]))
     assert not any(p.endswith("_003.jpg") for s in ("train", "val") for p in image_ids(splits[s]))
@@ -1707,9 +1711,8 @@ def test_sun397_names_from_data_and_seeded_fallback_split(tmp_path, capsys):
     assert_splits("sun397", tmp_path, {"train": 24, "val": 3, "test": 3})
 
 
-def test_sun397_uses_partition_1_when_present(tmp_path):
-    make_sun397(tmp_path)
-    parts = tmp_path / "SUN397/Partitions"  # where Partitions.zip unpacks
+def write_sun397_partition_1(root):
+    parts = root / "SUN397/Partitions"  # where Partitions.zip unpacks
     parts.mkdir()
     rows = {
         p: [f"{c}/sun_{code}{k}.jpg" for code, c in enumerate(SUN397_CLASSES) for k in ks]
@@ -1717,6 +1720,11 @@ def test_sun397_uses_partition_1_when_present(tmp_path):
     }
     for p, lines in rows.items():
         (parts / f"{p}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_sun397_uses_partition_1_when_present(tmp_path):
+    make_sun397(tmp_path)
+    write_sun397_partition_1(tmp_path)
     splits = assert_splits("sun397", tmp_path, {"train": 11, "val": 1, "test": 12})
     used = set().union(*(image_ids(d) for d in splits.values()))
     assert not any(p.endswith(("8.jpg", "9.jpg")) for p in used)  # images outside partition 1
@@ -2046,6 +2054,36 @@ def test_an_a_lp_measured_on_a_dataset_unpacked_in_part_is_not_kept(tmp_path, mo
     assert len(fits) == 3
 
 
+@pytest.mark.parametrize(
+    "name, make, add_split_files",
+    [
+        ("resisc45", make_resisc45, write_resisc45_split_files),
+        ("sun397", make_sun397, write_sun397_partition_1),
+    ],
+)
+def test_the_cache_tells_the_seeded_split_from_the_split_files(
+    tmp_path, monkeypatch, name, make, add_split_files
+):
+    """Without its split files a task falls back to a seeded split (with a warning); the
+    cache kept that split's A_LP and features (RESISC45's have the files' sizes) and read
+    them on after the user added the files: another split's baseline in every later run."""
+    (tmp_path / "data").mkdir()
+    make(tmp_path / "data")
+    data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    args = tiny_args(tmp_path, "--data-root", data, "--cache-dir", cache, "--no-download")
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    task, weights = ldifs.TASKS[name], ldifs.weights_key(args.model, args.pretrained, args.seed)
+    fits = counted_probe_fits(monkeypatch)
+    for _ in range(2):  # the second time, from the cache
+        ldifs.cached_linear_probe(clip.visual, task, transform, args, weights, weights)
+    add_split_files(tmp_path / "data")
+    ldifs.cached_linear_probe(clip.visual, task, transform, args, weights, weights)
+    assert len(fits) == 2
+    cached = ldifs.task_features(clip.visual, task, transform, args, weights, ("test",))
+    fresh = ldifs.task_features(clip.visual, task, transform, args, splits=("test",))
+    assert torch.equal(cached["test"][0], fresh["test"][0])
+
+
 def test_eval_reuses_the_a_lps_the_run_measured(two_runs, tmp_path, capsys, monkeypatch):
     root, _ = two_runs
     out, fits = tmp_path / "e.json", counted_probe_fits(monkeypatch)
@@ -2172,18 +2210,25 @@ def test_only_rank_0_draws_progress_bars_and_warns(tmp_path, capsys, monkeypatch
 
 def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
     task, tag = ldifs.TASKS["synthetic"], ldifs.weights_key("m", "openai", 0)
-    key = ldifs.feature_key(tag, task, "train", "T1")
+    key = ldifs.feature_key(tag, task, "train", "T1", tmp_path)
     assert (
         key
-        != ldifs.feature_key(tag, task, "test", "T1")
-        != ldifs.feature_key(tag, task, "train", "T2")
+        != ldifs.feature_key(tag, task, "test", "T1", tmp_path)
+        != ldifs.feature_key(tag, task, "train", "T2", tmp_path)
     )
-    assert key != ldifs.feature_key(ldifs.weights_key("other", "openai", 0), task, "train", "T1")
+    assert key != ldifs.feature_key(
+        ldifs.weights_key("other", "openai", 0), task, "train", "T1", tmp_path
+    )
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"1")
-    first = ldifs.feature_key(ldifs.weights_key("m", str(weights), 0), task, "train", "T1")
+    first = ldifs.feature_key(
+        ldifs.weights_key("m", str(weights), 0), task, "train", "T1", tmp_path
+    )
     weights.write_bytes(b"22")
-    assert ldifs.feature_key(ldifs.weights_key("m", str(weights), 0), task, "train", "T1") != first
+    assert (
+        ldifs.feature_key(ldifs.weights_key("m", str(weights), 0), task, "train", "T1", tmp_path)
+        != first
+    )
     # random weights ('none') are drawn by the seed; real ones do not depend on it
     assert ldifs.weights_key("m", "none", 0) != ldifs.weights_key("m", "none", 1)
     assert ldifs.weights_key("m", "openai", 0) == ldifs.weights_key("m", "openai", 1)
@@ -2326,7 +2371,7 @@ def test_feature_key_of_a_folder_task_tracks_its_images(tmp_path):
     tag = ldifs.weights_key("m", "openai", 0)
 
     def run_key():  # each run builds its task anew
-        return ldifs.feature_key(tag, ldifs.folder_task(f"folder:{root}"), "test", "T")
+        return ldifs.feature_key(tag, ldifs.folder_task(f"folder:{root}"), "test", "T", root)
 
     key = run_key()
     assert run_key() == key
