@@ -2389,7 +2389,7 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
     if stage.rank == 0:
         metrics.update(train_seconds=time.perf_counter() - start, **run_config(stage, args))
         if start_step == stage.total_steps:  # resumed only to evaluate: nothing was measured
-            metrics.update(measured_before(stage.out))
+            metrics.update(measured_before(stage.out, args.eval_tasks))
         metrics.update(eval_tasks=args.eval_tasks, world_size=stage.world_size)
         metrics.update(data_root=os.path.abspath(args.data_root))  # eval.py reads it there
         metrics.update(stage=stage.index, sequence=list(stage.sequence))
@@ -2404,10 +2404,11 @@ def finished(metrics):
     return "test_accuracy" in metrics and ("forgetting" in metrics or not metrics.get("eval_tasks"))
 
 
-def measured_before(out):
-    """The training figures and forgetting rows that an earlier run of this stage wrote to
-    metrics.json, if any."""
-    measures = ("train_seconds", "train_images_per_second", "peak_memory_mb", "forgetting_so_far")
+def measured_before(out, eval_tasks):
+    """The training figures that an earlier run of this stage wrote to metrics.json, if any,
+    and the forgetting rows it measured, if forgetting is to be measured now."""
+    measures = ["train_seconds", "train_images_per_second", "peak_memory_mb"]
+    measures += ["forgetting_so_far"] if eval_tasks else []
     return {k: v for k, v in read_metrics(out).items() if k in measures}
 
 

@@ -2794,6 +2794,30 @@ def test_a_run_killed_in_the_forgetting_evaluation_measures_only_the_other_tasks
     assert "skipped" in metrics["forgetting"]["gtsrb"] and "| synthetic-stripes |" in out
 
 
+def test_a_resume_that_measures_no_forgetting_keeps_no_rows_of_the_killed_run(
+    tmp_path, capsys, monkeypatch
+):
+    """Killed mid-evaluation, then resumed with --eval-tasks none: the finished run's
+    metrics.json kept the killed run's partial rows, which no table would ever complete."""
+    flags = [*RESUME_FLAGS[:-1], "synthetic-stripes,dtd", "--workers", "0", "--no-download"]
+    flags += ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path)]
+    measure = ldifs.forgetting_on
+
+    def killed_at_dtd(task, *args):
+        if task.name == "dtd":
+            raise KeyboardInterrupt
+        return measure(task, *args)
+
+    monkeypatch.setattr(ldifs, "forgetting_on", killed_at_dtd)
+    assert run_main(ldifs, flags, capsys)[0] == 130
+    assert "forgetting_so_far" in strict_json((tmp_path / "metrics.json").read_text())
+    code, _, err = run_main(ldifs, [*flags, "--resume", "--eval-tasks", "none"], capsys)
+    assert code == 0, err
+    metrics = strict_json((tmp_path / "metrics.json").read_text())
+    assert metrics["eval_tasks"] == [] and "test_accuracy" in metrics
+    assert "forgetting_so_far" not in metrics and "forgetting" not in metrics
+
+
 class ClosedPipe:
     """stdout piped into `head`, which has exited: every write raises BrokenPipeError."""
 
