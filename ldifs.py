@@ -1284,9 +1284,12 @@ def get_dataset(task, split, root, transform=None, download=True):
     except (OSError, RuntimeError, ImportError) as e:
         raise data_missing(task, root, e, download) from e
     if in_part(task, split, len(data)):  # torchvision checks only that a folder exists
+        fix = "unpacked in part? delete it to download it again"
+        if not task.downloads:
+            fix = f"copied in part? get it again from {task.source}"
+        whole = whole_split(task, split)
         warn_once(
-            f"{task.name}: {len(data)} {split} images in {root}, not the dataset's "
-            f"{whole_split(task, split)}: unpacked in part? delete it to download it again"
+            f"{task.name}: {len(data)} {split} images in {root}, not the dataset's {whole}: {fix}"
         )
     return Transformed(data, transform) if transform else data
 

@@ -1602,6 +1602,13 @@ def test_a_built_in_task_with_fewer_images_than_its_dataset_warns(tmp_path, caps
     for split in ("train", "val", "test"):
         ldifs.get_dataset(whole, split, tmp_path, download=False)
     assert not capsys.readouterr().err
+    fake_image(tmp_path / "imagenet/val/n01440764/0.JPEG", 0)  # placed by hand: no download
+    ldifs.get_dataset("imagenet", "test", tmp_path, download=False)
+    warning = (
+        f"imagenet: 1 test images in {tmp_path}, not the dataset's 50000: copied in part? get "
+        "it again from image-net.org"
+    )
+    assert warning in capsys.readouterr().err
     fixed = "cars cifar10 cifar100 dtd eurosat gtsrb imagenet mnist svhn".split()
     assert [name for name, t in ldifs.TASKS.items() if t.split_sizes] == fixed
 
