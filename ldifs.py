@@ -1634,6 +1634,7 @@ TASKS = {
             layout="resisc45/NWPU-RESISC45/<class>/*.jpg (+ resisc45-{train,test}.txt)",
             source="NWPU-RESISC45, by hand (e.g. via torchgeo), with the standard split files",
             split_rule="train file minus a seeded 10% val; test file (else seeded 60/20/20)",
+            split_sizes=(17010, 1890, 6300),  # with the split files or without
         ),
         Task(
             name="sun397",

@@ -1609,7 +1609,7 @@ def test_a_built_in_task_with_fewer_images_than_its_dataset_warns(tmp_path, caps
         "it again from image-net.org"
     )
     assert warning in capsys.readouterr().err
-    fixed = "cars cifar10 cifar100 dtd eurosat gtsrb imagenet mnist svhn".split()
+    fixed = "cars cifar10 cifar100 dtd eurosat gtsrb imagenet mnist resisc45 svhn".split()
     assert [name for name, t in ldifs.TASKS.items() if t.split_sizes] == fixed
 
 
@@ -1684,6 +1684,15 @@ def test_missing_data_or_scipy_is_one_line_naming_the_fix(tmp_path, monkeypatch)
 
 def torchvision_cars_without_scipy(root, split, download):
     raise RuntimeError("Scipy is not found. This dataset needs to have scipy installed: ...")
+
+
+def test_resisc45_has_the_same_split_sizes_with_or_without_its_split_files():
+    """Its 31500 images give the split files' 18900 / 6300 and the seeded 60/20/20 alike, so
+    a copy of other counts (copied in part) is told, and its A_LPs are not kept."""
+    fallback = [len(ldifs.seeded_split(31500, s, (0.6, 0.2, 0.2))) for s in ("train", "test")]
+    assert fallback == [18900, 6300]  # the split files' counts
+    held_out = [len(ldifs.seeded_split(18900, s)) for s in ("train", "val")]
+    assert ldifs.TASKS["resisc45"].split_sizes == (*held_out, 6300)
 
 
 def write_resisc45_split_files(root):
@@ -2079,7 +2088,8 @@ def test_the_cache_tells_the_seeded_split_from_the_split_files(
     data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
     args = tiny_args(tmp_path, "--data-root", data, "--cache-dir", cache, "--no-download")
     clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
-    task, weights = ldifs.TASKS[name], ldifs.weights_key(args.model, args.pretrained, args.seed)
+    task = dataclasses.replace(ldifs.TASKS[name], split_sizes=())  # the fakes are smaller
+    weights = ldifs.weights_key(args.model, args.pretrained, args.seed)
     fits = counted_probe_fits(monkeypatch)
     for _ in range(2):  # the second time, from the cache
         ldifs.cached_linear_probe(clip.visual, task, transform, args, weights, weights)
