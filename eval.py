@@ -86,13 +86,13 @@ def load_run(path):
 
 
 def resolve_data_root(args, runs):
-    """Fill an unset --data-root, once: the first run's own (ldifs.py records it), so eval.py
-    reads the data the runs were trained with rather than downloading it again elsewhere;
-    ldifs.py's default for older runs and for runs copied from a machine that had it."""
+    """Fill an unset --data-root, once: the first run's own (ldifs.py records it) that is
+    there, so eval.py reads the data the runs were trained with rather than downloading it
+    again elsewhere; ldifs.py's default for older runs and runs copied from another machine."""
     if args.data_root is None:
-        recorded = runs[0]["metrics"].get("data_root") or ""
-        there = os.path.isdir(recorded)
-        args.data_root = Path(recorded) if there else ldifs.user_path(ldifs.DATA_ROOT)
+        recorded = [run["metrics"].get("data_root") or "" for run in runs]
+        there = [Path(root) for root in recorded if os.path.isdir(root)]
+        args.data_root = there[0] if there else ldifs.user_path(ldifs.DATA_ROOT)
 
 
 def not_a_run(path):

@@ -816,7 +816,8 @@ def test_eval_reads_the_data_where_the_runs_were_trained_unless_told(
 ):
     """A run trained with --data-root /scratch/data, then `eval.py RUN`: eval.py looked in
     ~/data, and downloaded every eval task there again (1.5 GB for the default seven). A
-    recorded folder that is not there (a run copied from another machine) is passed over."""
+    recorded folder that is not there (a run copied from another machine) is passed over,
+    for the next run's."""
     theirs, mine = tmp_path / "theirs", tmp_path / "mine"
     theirs.mkdir()
     run = copy_run(two_runs[0] / "lam0", tmp_path / "run", data_root=str(theirs))
@@ -829,13 +830,14 @@ def test_eval_reads_the_data_where_the_runs_were_trained_unless_told(
 
     monkeypatch.setattr(ldifs, "get_dataset", recording_root)
     default = ldifs.user_path(ldifs.DATA_ROOT)
-    for path, typed, expected in [
-        (run, [], theirs),
-        (run, ["--data-root", str(mine)], mine),
-        (elsewhere, [], default),
+    for paths, typed, expected in [
+        ([run], [], theirs),
+        ([run], ["--data-root", str(mine)], mine),
+        ([elsewhere], [], default),
+        ([elsewhere, run], [], theirs),
     ]:
         roots.clear()
-        argv = [str(path), "--tasks", "synthetic-stripes", "--workers", "0", *typed]
+        argv = [*map(str, paths), "--tasks", "synthetic-stripes", "--workers", "0", *typed]
         code, _, err = run_main(evaluation, argv, capsys)
         assert code == 0, err
         assert roots and set(roots) == {expected}, roots
