@@ -2248,6 +2248,13 @@ def test_feature_key_tracks_model_weights_split_and_preprocessing(tmp_path):
         ldifs.feature_key(ldifs.weights_key("m", str(weights), 0), task, "train", "T1", tmp_path)
         != first
     )
+    resisc45, keys = ldifs.TASKS["resisc45"], []  # its split files say which images a split holds
+    for text in (None, "a.jpg", "b.jpg"):
+        if text:
+            (tmp_path / "resisc45").mkdir(exist_ok=True)
+            (tmp_path / "resisc45/resisc45-test.txt").write_text(text)
+        keys.append(json.dumps(ldifs.feature_key(tag, resisc45, "test", "T1", tmp_path)))
+    assert len(set(keys)) == 3
     # random weights ('none') are drawn by the seed; real ones do not depend on it
     assert ldifs.weights_key("m", "none", 0) != ldifs.weights_key("m", "none", 1)
     assert ldifs.weights_key("m", "openai", 0) == ldifs.weights_key("m", "openai", 1)
