@@ -1173,8 +1173,9 @@ def load_resisc45(root, split, download):
 
     def make(train):
         name = "train" if train else "test"
-        if (base / f"resisc45-{name}.txt").exists():
-            keep = set((base / f"resisc45-{name}.txt").read_text().split())
+        split_file = resisc45_split_files(root, [name])
+        if split_file:
+            keep = set(split_file[0].read_text().split())
             return Samples([s for s in samples if Path(s[0]).name in keep])
         warn_once(f"resisc45: no split files in {base}; using a seeded 60/20/20 split instead")
         return Subset(Samples(samples), seeded_split(len(samples), name, (0.6, 0.2, 0.2)))
@@ -1182,9 +1183,11 @@ def load_resisc45(root, split, download):
     return official_split(make, split)
 
 
-def resisc45_split_files(root):
+def resisc45_split_files(root, names=("train", "test")):
+    """Those of its split files resisc45-{train,test}.txt that are there: the loader reads
+    them, the feature cache's key holds them."""
     base = Path(root) / "resisc45"
-    return [p for s in ("train", "test") if (p := base / f"resisc45-{s}.txt").exists()]
+    return [p for s in names if (p := base / f"resisc45-{s}.txt").exists()]
 
 
 def resisc45_classes(root):
