@@ -2021,7 +2021,10 @@ def test_forgetting_deltas_are_finetuned_minus_pretrained(tmp_path):
     args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
     clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
     task = ldifs.TASKS["synthetic"]
-    row = ldifs.forgetting_on(task, clip.visual, Constant(), clip, transform, args)
+    constant = Constant()
+    row = ldifs.forgetting_on(
+        task, clip.visual, constant, ldifs.encoder_digest(constant), clip, transform, args
+    )
     assert (
         row["lp_pretrained"] > 0.9 and row["lp_finetuned"] < 0.5
     )  # colour is easy even for random features
@@ -2047,14 +2050,32 @@ def test_forgetting_fits_no_probe_whose_a_lp_the_cache_keeps(tmp_path, monkeypat
     args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
     clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
     task, finetuned = ldifs.TASKS["synthetic-stripes"], copy.deepcopy(clip.visual)
-    first = ldifs.forgetting_on(task, clip.visual, finetuned, clip, transform, args)
+
+    def measure():
+        digest = ldifs.encoder_digest(finetuned)
+        return ldifs.forgetting_on(task, clip.visual, finetuned, digest, clip, transform, args)
+
+    first = measure()
     fits = counted_probe_fits(monkeypatch)
-    assert ldifs.forgetting_on(task, clip.visual, finetuned, clip, transform, args) == first
+    assert measure() == first
     assert fits == []
     with torch.no_grad():
         next(finetuned.parameters()).view(-1)[0] += 1e-3  # another run's weights
-    ldifs.forgetting_on(task, clip.visual, finetuned, clip, transform, args)
+    measure()
     assert len(fits) == 1  # the fine-tuned encoder's alone
+
+
+def test_the_fine_tuned_encoder_is_digested_once_a_run_not_once_an_eval_task(tmp_path, monkeypatch):
+    """Its A_LPs are kept in the cache under a digest of its weights, which took up to a
+    second an eval task (ViT-L/14 on the CPU) though the weights do not change between them."""
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "cache"))
+    args.eval_tasks = ["synthetic", "synthetic-stripes"]  # two tasks, neither trained on here
+    clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    digested, digest = [], ldifs.encoder_digest
+    monkeypatch.setattr(ldifs, "encoder_digest", lambda e: [digested.append(e), digest(e)][1])
+    finetuned = copy.deepcopy(clip.visual)
+    rows = ldifs.evaluate_forgetting(clip.visual, finetuned, clip, transform, {}, tmp_path, args)
+    assert list(rows) == args.eval_tasks and digested == [finetuned]
 
 
 def test_an_a_lp_measured_on_a_dataset_unpacked_in_part_is_not_kept(tmp_path, monkeypatch):
