@@ -2110,7 +2110,7 @@ def list_tasks(root):
 def resolve_args(args):
     """Fill the unset flags from the first task's recipe and check them, once; return the
     tasks to fine-tune on, in order."""
-    tasks = [get_task(name.strip()) for name in args.task.split(",")]  # "a, b" as in prose
+    tasks = [get_task(name) for name in task_names(args.task)]
     if args.templates:
         tasks = [dataclasses.replace(t, templates=read_templates(args.templates)) for t in tasks]
     names = [task.name for task in tasks]
@@ -2157,10 +2157,24 @@ def parse_eval_tasks(value, flag="--eval-tasks"):
     $EVAL) is refused: 'none' says it."""
     if value == "none":
         return []
-    names = [get_task(name.strip()).name for name in value.split(",") if name.strip()]
+    names = [get_task(name).name for name in task_names(value) if name]
     if not names:
         raise UsageError(f"{flag} {value!r} names no task; name some (a,b) or 'none'")
     return list(dict.fromkeys(names))
+
+
+def task_names(value):
+    """The names in 'a,b' ("a, b" as in prose). A folder:PATH may hold commas: a part that
+    names no built-in task nor another folder belongs to the folder before it."""
+    names = []
+    for part in value.split(","):
+        name = part.strip()
+        joins = names and names[-1].startswith("folder:") and name
+        if joins and name.lower() not in TASKS and not name.startswith("folder:"):
+            names[-1] += "," + part.rstrip()
+        else:
+            names.append(name)
+    return names
 
 
 def read_templates(path):

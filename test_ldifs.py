@@ -3750,6 +3750,18 @@ def test_folder_task_reads_classes_labels_and_holds_out_val(tmp_path):
     assert len(ldifs.get_dataset(ldifs.folder_task(f"folder:{root}"), "train", tmp_path)) == 60
 
 
+def test_a_folder_whose_path_holds_a_comma_is_one_task(tmp_path):
+    """--task and --eval-tasks split at commas, so folder:PATH with a comma in PATH became
+    two tasks, the second an unknown one. A part that names no built-in task nor a folder
+    belongs to the folder before it; a built-in task after a folder is a task of its own."""
+    root = make_folder(tmp_path / "leaves, 2024")
+    folder = f"folder:{root}"
+    args = ldifs.parse_args(["--task", f"{folder},synthetic", "--eval-tasks", f"mnist,{folder}"])
+    assert [task.name for task in ldifs.resolve_args(args)] == [folder, "synthetic"]
+    assert args.eval_tasks == ["mnist"]
+    assert ldifs.parse_eval_tasks(f"{folder}, svhn,") == [folder, "svhn"]
+
+
 def test_folder_task_skips_hidden_files_and_folders(tmp_path):
     """A folder copied from macOS holds ._* twins of its images, which are no images, and a
     notebook leaves .ipynb_checkpoints/ folders, which are no classes."""
