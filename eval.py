@@ -78,7 +78,8 @@ def load_run(path):
         )
     try:
         load = functools.partial(torch.load, map_location="cpu", weights_only=True, mmap=True)
-        weights, head = load(path / "open_clip_pytorch_model.bin"), load(path / "head.pt")
+        weights = load(path / "open_clip_pytorch_model.bin")
+        head = ldifs.load_head(path / "head.pt", load)
         start = start_weights(path, metrics, load)
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e

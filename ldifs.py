@@ -1959,7 +1959,7 @@ def load_finished_stage(clip, stage, args):
     load = functools.partial(torch.load, map_location=args.device, weights_only=True)
     try:
         clip.load_state_dict(load(stage.out / "open_clip_pytorch_model.bin"))
-        head = load(stage.out / "head.pt")
+        head = load_head(stage.out / "head.pt", load)
     except Exception as e:  # missing, truncated or corrupt: a run copied in part
         raise UserError(
             f"cannot load the finished run in {stage.out}: {one_line(e)}; copy it again"
@@ -1971,6 +1971,16 @@ def load_finished_stage(clip, stage, args):
         more = f"python eval.py {stage.out} --tasks a,b measures it on other eval tasks"
         print(f"{stage.task.name}: {done} ({more})")
     return linear_head(head["weight"], head["bias"])
+
+
+def load_head(path, load):
+    """A run's head.pt, as `save_outputs` writes it (eval.py's WiSE-FT reads init_*)."""
+    head = load(path)
+    keys = ("weight", "bias", "init_weight", "init_bias")
+    missing = [k for k in keys if not isinstance(head, dict) or k not in head]
+    if missing:
+        raise ValueError(f"{path.name} holds no {', '.join(missing)}")
+    return head
 
 
 # ---------------------------------------------------------------------- the command line

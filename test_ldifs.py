@@ -3170,6 +3170,25 @@ def test_a_run_copied_in_part_is_one_line_in_both_scripts(
         assert says.format(file=file, run=run) in err, err
 
 
+def test_a_head_file_without_the_heads_tensors_is_one_line_in_both_scripts(
+    two_runs, tmp_path, capsys
+):
+    """A head.pt that loads but lacks what a script reads of it (another program's, or one
+    edited by hand) ended both in a KeyError traceback."""
+    run = copy_run(two_runs[0] / "lam0", tmp_path / "run")
+    head = torch.load(run / "head.pt", weights_only=True)
+    torch.save({"weight": head["weight"]}, run / "head.pt")
+    flags = ["--task", "synthetic", "--lam", "0", "--max-steps", "12", "--workers", "0"]
+    argv = [*flags, "--eval-tasks", "none", "--out", str(run), "--resume"]
+    code, _, err = run_main(ldifs, argv, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    missing = "head.pt holds no bias, init_weight, init_bias"
+    assert f"cannot load the finished run in {run}: {missing}; copy it again" in err, err
+    code, _, err = run_main(evaluation, [str(run), "--workers", "0"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot read run {run}: {missing}" in err, err
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=6)
     args.save_every = 2
