@@ -2179,12 +2179,12 @@ def task_names(value):
     names = []
     for part in value.split(","):
         name = part.strip()
-        joins = names and names[-1].startswith("folder:") and name
+        joins = names and names[-1].lstrip().startswith("folder:") and name
         if joins and name.lower() not in TASKS and not name.startswith("folder:"):
-            names[-1] += "," + part.rstrip()
+            names[-1] += "," + part
         else:
-            names.append(name)
-    return names
+            names.append(part)
+    return [name.strip() for name in names]
 
 
 def read_templates(path):

@@ -3779,6 +3779,7 @@ def test_a_folder_whose_path_holds_a_comma_is_one_task(tmp_path):
     assert [task.name for task in ldifs.resolve_args(args)] == [folder, "synthetic"]
     assert args.eval_tasks == ["mnist"]
     assert ldifs.parse_eval_tasks(f"{folder}, svhn,") == [folder, "svhn"]
+    assert ldifs.task_names(" folder:a ,b, mnist") == ["folder:a ,b", "mnist"]
 
 
 def test_folder_task_skips_hidden_files_and_folders(tmp_path):
