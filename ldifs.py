@@ -636,19 +636,19 @@ def forgetting_on(task, reference, encoder, digest, clip, transform, args):
     fine-tuned image encoder (`digest`: its `encoder_digest`) on `task`, and the deltas
     (fine-tuned minus pre-trained)."""
     weights = weights_key(args.model, args.pretrained, args.seed)
-    encoders = {"pretrained": (reference, weights, weights), "finetuned": (encoder, None, digest)}
+    encoders = {"pretrained": (reference, weights), "finetuned": (encoder, None)}
     tests = {
         which: task_features(model, task, transform, args, key, splits=("test",))["test"]
-        for which, (model, key, _) in encoders.items()
+        for which, (model, key) in encoders.items()
     }
     names = class_names(task, args.data_root)  # once the features have fetched the data
     tokenizer = tokenizer_of(args.model)
     zs = zero_shot_head(clip, tokenizer, names, task.templates, args.device)
     row = {}
-    for which, (model, key, named) in encoders.items():
+    for which, (model, key) in encoders.items():
         row[f"zs_{which}"] = probe_accuracy(zs, *tests[which])
         row[f"lp_{which}"] = cached_linear_probe(
-            model, task, transform, args, named, key, tests[which]
+            model, task, transform, args, key or digest, key, tests[which]
         )
     row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
     row["delta_lp"] = row["lp_finetuned"] - row["lp_pretrained"]
