@@ -68,6 +68,7 @@ def load_run(path):
     if not (path / "metrics.json").is_file():
         raise ldifs.UsageError(not_a_run(path))
     metrics = ldifs.read_metrics(path)
+    check_field_types(path, metrics)
     if "accuracy_matrix" in metrics:
         return load_run(path / ldifs.stage_folder(len(metrics["tasks"]) - 1, metrics["tasks"][-1]))
     missing = [key for key in ("lam", "model", "pretrained", "seed", "task") if key not in metrics]
@@ -84,6 +85,31 @@ def load_run(path):
     except Exception as e:  # truncated, corrupt or foreign files
         raise ldifs.UserError(f"cannot read run {path}: {ldifs.one_line(e)}") from e
     return {"path": path, "metrics": metrics, "weights": weights, "head": head, "start": start}
+
+
+# What each metrics.json field that eval.py reads holds, as ldifs.py writes it
+KINDS = {
+    "a number": lambda value: isinstance(value, int | float),
+    "an integer": lambda value: isinstance(value, int),
+    "a string": lambda value: isinstance(value, str),
+    "a list of names": lambda names: (
+        isinstance(names, list) and all(isinstance(name, str) for name in names)
+    ),
+}
+FIELD_KINDS = dict.fromkeys(["lam", "l2sp", "label_smoothing"], "a number")
+FIELD_KINDS |= dict.fromkeys(["seed", "stage"], "an integer")
+FIELD_KINDS |= dict.fromkeys(["model", "pretrained", "task", "head", "data_root"], "a string")
+FIELD_KINDS |= dict.fromkeys(["sequence", "eval_tasks", "tasks"], "a list of names")
+
+
+def check_field_types(path, metrics):
+    """A field edited by hand into another type ("lam": "10") would end in a traceback, or
+    label the run wrongly ("sequence": "synthetic" as "continual s")."""
+    for field, kind in FIELD_KINDS.items():
+        if field in metrics and not KINDS[kind](metrics[field]):
+            raise ldifs.UserError(
+                f"{path / 'metrics.json'}: {field} is not {kind}; fix it or run ldifs.py again"
+            )
 
 
 def resolve_data_root(args, runs):

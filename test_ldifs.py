@@ -876,6 +876,26 @@ def test_eval_says_a_run_whose_metrics_lack_a_field_is_from_an_older_ldifs_py(
     assert f"{old / 'metrics.json'} has no lam, seed: written by an older ldifs.py" in err
 
 
+@pytest.mark.parametrize(
+    "field, value, kind",
+    [
+        ("lam", "10", "a number"),
+        ("sequence", "synthetic", "a list of names"),
+        ("seed", None, "an integer"),
+    ],
+)
+def test_eval_says_which_metrics_field_holds_the_wrong_type(
+    two_runs, tmp_path, capsys, monkeypatch, field, value, kind
+):
+    """A metrics.json edited by hand: "lam": "10" ended eval.py in a ValueError traceback, and
+    "sequence": "synthetic" labelled the run "continual s". Said before the weights load."""
+    monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("loaded before the check"))
+    edited = copy_run(two_runs[0] / "lam10", tmp_path / "edited", **{field: value})
+    code, _, err = run_main(evaluation, [str(edited)], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{edited / 'metrics.json'}: {field} is not {kind}; fix it or run ldifs.py again" in err
+
+
 def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretrained(tmp_path):
     """open_clip loads a local-dir: model's own weights and ignores --pretrained, so two runs
     from one folder start from the same weights whatever --pretrained they recorded."""
