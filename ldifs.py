@@ -705,12 +705,13 @@ def evaluate_forgetting(reference, encoder, clip, transform, metrics, out, args)
     skipped with a warning, and tried again on a resume; it never costs the run."""
     rows = metrics.setdefault("forgetting_so_far", {})
     digest = encoder_digest(encoder)  # once a run, not a task: 0.7 s for ViT-L/14 on a CPU
-    measured = (reference, encoder, digest, clip, transform, args)
     for name in args.eval_tasks:
         if name in rows and "skipped" not in rows[name]:  # measured before the run was killed
             continue
         try:
-            rows[name] = forgetting_on(get_task(name), *measured)
+            rows[name] = forgetting_on(
+                get_task(name), reference, encoder, digest, clip, transform, args
+            )
         except DataMissing as e:
             print(f"ldifs.py: warning: skipping eval task {name}: {e}", file=sys.stderr)
             rows[name] = {"skipped": str(e)}
