@@ -69,8 +69,13 @@ def load_run(path):
         raise ldifs.UsageError(not_a_run(path))
     metrics = ldifs.read_metrics(path)
     check_field_types(path, metrics)
-    if "accuracy_matrix" in metrics:
-        return load_run(path / ldifs.stage_folder(len(metrics["tasks"]) - 1, metrics["tasks"][-1]))
+    if "accuracy_matrix" in metrics:  # a continual run's summary: its last stage stands for it
+        tasks = metrics.get("tasks")
+        if not tasks:  # removed or emptied by hand
+            raise ldifs.UserError(
+                f"{path / 'metrics.json'}: tasks is missing or empty; fix it or run ldifs.py again"
+            )
+        return load_run(path / ldifs.stage_folder(len(tasks) - 1, tasks[-1]))
     missing = [key for key in ("lam", "model", "pretrained", "seed", "task") if key not in metrics]
     if missing:  # what the table and the start check read; said before the weights load
         raise ldifs.UserError(

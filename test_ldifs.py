@@ -896,6 +896,18 @@ def test_eval_says_which_metrics_field_holds_the_wrong_type(
     assert f"{edited / 'metrics.json'}: {field} is not {kind}; fix it or run ldifs.py again" in err
 
 
+@pytest.mark.parametrize("tasks", [{"tasks": []}, {}])
+def test_eval_says_a_continual_summary_names_no_tasks(tmp_path, capsys, tasks):
+    """A continual run's summary stands for its last stage, named by its tasks: emptied or
+    removed by hand, they ended eval.py in an IndexError or KeyError traceback."""
+    summary = tmp_path / "continual"
+    summary.mkdir()
+    (summary / "metrics.json").write_text(json.dumps({"accuracy_matrix": [[1.0]], **tasks}))
+    code, _, err = run_main(evaluation, [str(summary)], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{summary / 'metrics.json'}: tasks is missing or empty; fix it or run" in err
+
+
 def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretrained(tmp_path):
     """open_clip loads a local-dir: model's own weights and ignores --pretrained, so two runs
     from one folder start from the same weights whatever --pretrained they recorded."""
