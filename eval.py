@@ -82,6 +82,7 @@ def load_run(path):
             f"{path / 'metrics.json'} has no {', '.join(missing)}: written by an older "
             "ldifs.py; run it again"
         )
+    check_stage(path, metrics)
     try:
         load = functools.partial(torch.load, map_location="cpu", weights_only=True, mmap=True)
         weights = load(path / "open_clip_pytorch_model.bin")
@@ -115,6 +116,17 @@ def check_field_types(path, metrics):
             raise ldifs.UserError(
                 f"{path / 'metrics.json'}: {field} is not {kind}; fix it or run ldifs.py again"
             )
+
+
+def check_stage(path, metrics):
+    """A continual stage's label and the weights it started from read its place in the
+    sequence: removed or edited by hand, they ended in a traceback or a misleading error."""
+    sequence = metrics.get("sequence") or []
+    if len(sequence) > 1 and metrics.get("stage") not in range(len(sequence)):
+        raise ldifs.UserError(
+            f"{path / 'metrics.json'}: stage is missing or not 0 to {len(sequence) - 1}, a place "
+            "in the sequence; fix it or run ldifs.py again"
+        )
 
 
 def resolve_data_root(args, runs):

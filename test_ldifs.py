@@ -908,6 +908,26 @@ def test_eval_says_a_continual_summary_names_no_tasks(tmp_path, capsys, tasks):
     assert f"{summary / 'metrics.json'}: tasks is missing or empty; fix it or run" in err
 
 
+@pytest.mark.parametrize("stage", [2, None])
+def test_eval_says_a_continual_stage_has_no_stage_in_its_sequence(
+    two_runs, tmp_path, capsys, monkeypatch, stage
+):
+    """A continual stage's label and start read its place in the sequence: removed by hand,
+    it ended eval.py in a KeyError traceback; out of range, in an error about the weights."""
+    monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("loaded before the check"))
+    sequence = ["synthetic-stripes", "synthetic"]
+    edited = copy_run(two_runs[0] / "lam10", tmp_path / "1-synthetic", sequence=sequence)
+    metrics = json.loads((edited / "metrics.json").read_text())
+    del metrics["stage"]
+    if stage is not None:
+        metrics["stage"] = stage
+    (edited / "metrics.json").write_text(json.dumps(metrics))
+    code, _, err = run_main(evaluation, [str(edited)], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    expected = "stage is missing or not 0 to 1, a place in the sequence; fix it or run"
+    assert f"{edited / 'metrics.json'}: {expected}" in err
+
+
 def test_eval_compares_local_dir_runs_by_their_files_not_by_an_ignored_pretrained(tmp_path):
     """open_clip loads a local-dir: model's own weights and ignores --pretrained, so two runs
     from one folder start from the same weights whatever --pretrained they recorded."""
