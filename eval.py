@@ -69,12 +69,9 @@ def load_run(path):
         raise ldifs.UsageError(not_a_run(path))
     metrics = ldifs.read_metrics(path)
     check_field_types(path, metrics)
+    check_continual_fields(path, metrics)
     if "accuracy_matrix" in metrics:  # a continual run's summary: its last stage stands for it
-        tasks = metrics.get("tasks")
-        if not tasks:  # removed or emptied by hand
-            raise ldifs.UserError(
-                f"{path / 'metrics.json'}: tasks is missing or empty; fix it or run ldifs.py again"
-            )
+        tasks = metrics["tasks"]
         return load_run(path / ldifs.stage_folder(len(tasks) - 1, tasks[-1]))
     missing = [key for key in ("lam", "model", "pretrained", "seed", "task") if key not in metrics]
     if missing:  # what the table and the start check read; said before the weights load
@@ -82,7 +79,6 @@ def load_run(path):
             f"{path / 'metrics.json'} has no {', '.join(missing)}: written by an older "
             "ldifs.py; run it again"
         )
-    check_stage(path, metrics)
     try:
         load = functools.partial(torch.load, map_location="cpu", weights_only=True, mmap=True)
         weights = load(path / "open_clip_pytorch_model.bin")
@@ -118,15 +114,18 @@ def check_field_types(path, metrics):
             )
 
 
-def check_stage(path, metrics):
-    """A continual stage's label and the weights it started from read its place in the
-    sequence: removed or edited by hand, they ended in a traceback or a misleading error."""
+def check_continual_fields(path, metrics):
+    """A continual summary's tasks name the stage that stands for it, and a stage's place in
+    its sequence names its label and the weights it started from: removed or edited by hand,
+    they ended in a traceback or a misleading error."""
     sequence = metrics.get("sequence") or []
-    if len(sequence) > 1 and metrics.get("stage") not in range(len(sequence)):
-        raise ldifs.UserError(
-            f"{path / 'metrics.json'}: stage is missing or not 0 to {len(sequence) - 1}, a place "
-            "in the sequence; fix it or run ldifs.py again"
-        )
+    if "accuracy_matrix" in metrics and not metrics.get("tasks"):
+        problem = "tasks is missing or empty"
+    elif len(sequence) > 1 and metrics.get("stage") not in range(len(sequence)):
+        problem = f"stage is missing or not 0 to {len(sequence) - 1}, a place in the sequence"
+    else:
+        return
+    raise ldifs.UserError(f"{path / 'metrics.json'}: {problem}; fix it or run ldifs.py again")
 
 
 def resolve_data_root(args, runs):
