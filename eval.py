@@ -68,8 +68,9 @@ def load_run(path):
     if not (path / "metrics.json").is_file():
         raise ldifs.UsageError(not_a_run(path))
     metrics = ldifs.read_metrics(path)
-    check_field_types(path, metrics)
-    check_continual_fields(path, metrics)
+    problem = wrong_type(metrics) or continual_problem(metrics)
+    if problem:  # a field edited by hand; said before the weights load
+        raise ldifs.UserError(f"{path / 'metrics.json'}: {problem}; fix it or run ldifs.py again")
     if "accuracy_matrix" in metrics:  # a continual run's summary: its last stage stands for it
         tasks = metrics["tasks"]
         return load_run(path / ldifs.stage_folder(len(tasks) - 1, tasks[-1]))
@@ -104,28 +105,25 @@ FIELD_KINDS |= dict.fromkeys(["model", "pretrained", "task", "head", "data_root"
 FIELD_KINDS |= dict.fromkeys(["sequence", "eval_tasks", "tasks"], "a list of names")
 
 
-def check_field_types(path, metrics):
-    """A field edited by hand into another type ("lam": "10") would end in a traceback, or
-    label the run wrongly ("sequence": "synthetic" as "continual s")."""
+def wrong_type(metrics):
+    """The first field edited by hand into another type, if any: "lam": "10" would end in a
+    traceback, and "sequence": "synthetic" label the run "continual s"."""
     for field, kind in FIELD_KINDS.items():
         if field in metrics and not KINDS[kind](metrics[field]):
-            raise ldifs.UserError(
-                f"{path / 'metrics.json'}: {field} is not {kind}; fix it or run ldifs.py again"
-            )
+            return f"{field} is not {kind}"
+    return None
 
 
-def check_continual_fields(path, metrics):
+def continual_problem(metrics):
     """A continual summary's tasks name the stage that stands for it, and a stage's place in
     its sequence names its label and the weights it started from: removed or edited by hand,
     they ended in a traceback or a misleading error."""
     sequence = metrics.get("sequence") or []
     if "accuracy_matrix" in metrics and not metrics.get("tasks"):
-        problem = "tasks is missing or empty"
-    elif len(sequence) > 1 and metrics.get("stage") not in range(len(sequence)):
-        problem = f"stage is missing or not 0 to {len(sequence) - 1}, a place in the sequence"
-    else:
-        return
-    raise ldifs.UserError(f"{path / 'metrics.json'}: {problem}; fix it or run ldifs.py again")
+        return "tasks is missing or empty"
+    if len(sequence) > 1 and metrics.get("stage") not in range(len(sequence)):
+        return f"stage is missing or not 0 to {len(sequence) - 1}, a place in the sequence"
+    return None
 
 
 def resolve_data_root(args, runs):
