@@ -880,6 +880,7 @@ def test_eval_says_a_run_whose_metrics_lack_a_field_is_from_an_older_ldifs_py(
     "field, value, kind",
     [
         ("lam", "10", "a number"),
+        ("lam", True, "a number"),
         ("sequence", "synthetic", "a list of names"),
         ("seed", None, "an integer"),
     ],
@@ -887,8 +888,9 @@ def test_eval_says_a_run_whose_metrics_lack_a_field_is_from_an_older_ldifs_py(
 def test_eval_says_which_metrics_field_holds_the_wrong_type(
     two_runs, tmp_path, capsys, monkeypatch, field, value, kind
 ):
-    """A metrics.json edited by hand: "lam": "10" ended eval.py in a ValueError traceback, and
-    "sequence": "synthetic" labelled the run "continual s". Said before the weights load."""
+    """A metrics.json edited by hand: "lam": "10" ended eval.py in a ValueError traceback,
+    "lam": true labelled the run lam 1 (a bool is an int in Python), and "sequence":
+    "synthetic" labelled the run "continual s". Said before the weights load."""
     monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("loaded before the check"))
     edited = copy_run(two_runs[0] / "lam10", tmp_path / "edited", **{field: value})
     code, _, err = run_main(evaluation, [str(edited)], capsys)
