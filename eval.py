@@ -91,9 +91,9 @@ def load_run(path):
 
 
 # What each metrics.json field that eval.py reads holds, as ldifs.py writes it
-KINDS = {  # JSON's true and false load as bools, which Python counts as ints
-    "a number": lambda value: isinstance(value, int | float) and not isinstance(value, bool),
-    "an integer": lambda value: isinstance(value, int) and not isinstance(value, bool),
+KINDS = {  # by exact type: JSON's true and false load as bools, which isinstance counts as ints
+    "a number": lambda value: type(value) in (int, float),
+    "an integer": lambda value: type(value) is int,
     "a string": lambda value: isinstance(value, str),
     "a list of names": lambda names: (
         isinstance(names, list) and all(isinstance(name, str) for name in names)
