@@ -2056,11 +2056,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, except None, '' and booleans: an unset flag's value
-    comes from the task's recipe, shown in [..], and --no-download's True would mislead."""
+    """--help with each flag's default, except None, '', [] and booleans: an unset flag's
+    value comes from the task's recipe, shown in [..], and --no-download's True would mislead."""
 
     def _get_help_string(self, action):
-        silent = action.default in (None, "") or isinstance(action.default, bool)
+        silent = action.default in (None, "", []) or isinstance(action.default, bool)
         return action.help if silent else super()._get_help_string(action)
 
 

@@ -1153,7 +1153,7 @@ def test_help_shows_defaults_except_none_empty_and_booleans(capsys, module, show
     code, out, _ = run_main(module, ["--help"], capsys)
     text = " ".join(out.split())  # argparse wraps "(default: X)" anywhere
     assert code == 0 and re.search(re.escape(shown) + r"[^-]*\(default: [^)]+\)", text)
-    assert not re.search(r"\(default: (None|True|False|)\)", text)
+    assert not re.search(r"\(default: (None|True|False|\[\]|)\)", text)
 
 
 def test_path_flags_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
