@@ -1570,6 +1570,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, flags, message, code)
     result = run_cli(*[f.format(tmp=tmp_path) for f in flags], "--out", str(tmp_path / "out"))
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
+    assert "download=True" not in result.stderr  # torchvision's advice, not the flag's
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message.format(tmp=tmp_path) in lines[0], result.stderr
 
