@@ -1329,7 +1329,7 @@ def data_missing(task, root, error, download):
         how = "it is not downloaded automatically"
     else:
         how = "it could not be downloaded" if download else "--no-download is set"
-    # torchvision ends with "You can use download=True...": its API's advice, not our flags'
+    # torchvision's "You can use download=True..." is for its Python API; our line names flags
     reason = re.sub(r"\s*You \w+ \w+ download=True.*", "", one_line(error))
     return DataMissing(
         f"task {task.name!r}: no data at {os.path.join(root, task.layout)} and {how} "
