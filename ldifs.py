@@ -2162,7 +2162,13 @@ def default_out(names, args):
     run with --lam 0 must not land on plain fine-tuning's folder."""
     baselines = {"l2sp": args.l2sp, "ls": args.label_smoothing}
     parts = ["+".join(map(file_safe, names)), f"lam{args.lam:g}"]
-    return Path("runs") / "-".join(parts + [f"{k}{v:g}" for k, v in baselines.items() if v])
+    name = "-".join(parts + [f"{k}{v:g}" for k, v in baselines.items() if v])
+    if len(os.fsencode(name)) > 255:  # a long sequence of folder tasks; the OS would refuse it
+        raise UsageError(
+            f"the default --out for these {len(names)} tasks, runs/{name[:40]}..., is over the "
+            "255 bytes a file name may have; choose a shorter one with --out"
+        )
+    return Path("runs") / name
 
 
 def parse_eval_tasks(value, flag="--eval-tasks"):

@@ -3046,6 +3046,23 @@ def test_default_out_gives_the_baselines_folders_of_their_own(tmp_path):
     assert default_out("--lam", "-0", "--l2sp", "-0") == default_out("--lam", "0")  # not lam-0
 
 
+def test_a_default_out_too_long_for_a_file_name_is_one_line_that_names_out(
+    tmp_path, capsys, monkeypatch
+):
+    """A continual run over eight folders of one's own: joined, their names are over the 255
+    bytes a file name may have, which failed as the OS's 'File name too long'."""
+    counts = {"train": 10, "test": 1}
+    folders = [
+        make_folder(tmp_path / f"leaf_photos_batch_{k}_cleaned", counts=counts) for k in range(8)
+    ]
+    monkeypatch.chdir(tmp_path)
+    flags = ["--task", ",".join(f"folder:{f}" for f in folders), *FOLDER_FLAGS]
+    code, _, err = run_main(ldifs, flags, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "over the 255 bytes a file name may have; choose a shorter one with --out" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_hugging_face_text_side_without_transformers_is_one_line_before_any_loading(
     tmp_path, capsys, monkeypatch
 ):
