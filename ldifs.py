@@ -596,8 +596,10 @@ def key_digest(key):
 
 def cache_entry(key, extension, args):
     """The file that keeps `key`'s entry in the cache, named by its task (no path reaches a
-    file name raw), split and digest."""
-    name = f"{file_safe(key['task'])}-{key['split']}-{key_digest(key)}.{extension}"
+    file name raw; cut to 128 bytes, so that with atomic_write's suffix it fits the OS's 255),
+    split and digest, which covers the task."""
+    task = file_safe(key["task"]).encode()[:128].decode(errors="ignore")
+    name = f"{task}-{key['split']}-{key_digest(key)}.{extension}"
     return Path(args.cache_dir).expanduser() / name
 
 

@@ -3946,6 +3946,22 @@ def test_task_paths_never_reach_file_names_raw(tmp_path, path):
     assert ldifs.file_safe("eurosat") == "eurosat"
 
 
+def test_a_long_folder_name_is_cut_in_cache_entries_and_a_short_one_kept(tmp_path):
+    """A 240-byte folder name made feature-cache entries whose temporary files the OS refused
+    ('File name too long'), so the cache was skipped; its runs' folders are left as they were."""
+    args = argparse.Namespace(cache_dir=tmp_path)
+
+    def entry(name):
+        key = {"task": name, "split": "train"}
+        return ldifs.cache_entry(key, "json", args).name, ldifs.key_digest(key)
+
+    name, digest = entry("folder:/d/" + "é" * 50)
+    assert name == f"{ldifs.file_safe('folder:/d/' + 'é' * 50)}-train-{digest}.json"
+    name, digest = entry("folder:/d/a" + "é" * 120)  # 241 bytes
+    assert name.startswith("folder-aéé") and name.endswith(f"-train-{digest}.json")
+    assert len(name.encode()) + len(f".{'h' * 64}-4194304.tmp") <= 255  # the longest host name
+
+
 FOLDER_FLAGS = [
     "--model",
     ldifs.TINY_CLIP,
