@@ -2165,10 +2165,10 @@ def default_out(names, args):
     baselines = {"l2sp": args.l2sp, "ls": args.label_smoothing}
     parts = ["+".join(map(file_safe, names)), f"lam{args.lam:g}"]
     name = "-".join(parts + [f"{k}{v:g}" for k, v in baselines.items() if v])
-    if len(os.fsencode(name)) > 255:  # a long sequence of folder tasks; the OS would refuse it
+    if len(os.fsencode(name)) > 255:  # folder tasks' names add up; the OS would refuse it
         raise UsageError(
-            f"the default --out for these {len(names)} tasks, runs/{name[:40]}..., is over the "
-            "255 bytes a file name may have; choose a shorter one with --out"
+            f"the default --out, runs/{name[:40]}..., is over the 255 bytes a file name may "
+            "have; choose a shorter one with --out"
         )
     return Path("runs") / name
 
