@@ -2139,7 +2139,10 @@ def resolve_args(args):
             )
         args.pretrained = "none"
     typed_eval_tasks = args.eval_tasks  # None unless typed: the recipe fills it in below
-    for key, value in {**RELEASE_RECIPE, **tasks[0].recipe}.items():
+    recipe = {**RELEASE_RECIPE, **tasks[0].recipe}
+    if args.model not in (None, recipe["model"]):  # a recipe's weights are those of its model
+        recipe["pretrained"] = RELEASE_RECIPE["pretrained"]
+    for key, value in recipe.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     weights_file = Path(args.pretrained).expanduser()  # '' is refused in check_args

@@ -2403,6 +2403,23 @@ def test_a_local_dir_model_is_keyed_by_its_files_and_recorded_absolute(tmp_path,
         ldifs.resolve_args(args)
 
 
+@pytest.mark.parametrize(
+    "task, model, pretrained",
+    [
+        ("synthetic", "ViT-B-32", "openai"),  # README's default, not the tiny recipe's 'none'
+        ("synthetic", "ldifs-tiny", "none"),  # the recipe's own model keeps its weights
+        ("synthetic", None, "none"),
+        ("eurosat", "RN50", "openai"),
+    ],
+)
+def test_a_typed_model_gets_the_default_weights_not_another_models_recipe(task, model, pretrained):
+    """A recipe's --pretrained belongs to its --model: --task synthetic --model ViT-B-32 would
+    otherwise train a randomly drawn ViT-B-32 without a word."""
+    args = ldifs.parse_args(["--task", task] + (["--model", model] if model else []))
+    ldifs.resolve_args(args)
+    assert args.pretrained == pretrained
+
+
 def test_an_hf_hub_model_records_no_tag_and_its_key_ignores_tag_and_seed(monkeypatch):
     """open_clip loads an hf-hub: repo's own weights and ignores --pretrained: a run must not
     record the recipe's 'openai', nor the seed tell two runs from one repo apart."""
@@ -4294,6 +4311,8 @@ def test_timm_towers_train_with_ldifs_on_their_trunk(tmp_path, capsys, trunk, ex
             "synthetic",
             "--model",
             model,
+            "--pretrained",
+            "none",
             "--head",
             "zs",
             "--max-steps",
