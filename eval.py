@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p = ldifs.ArgumentParser(__doc__.split("\n\n")[0])
     add = p.add_argument
     add("runs", nargs="+", type=ldifs.user_path, help="run directories written by ldifs.py")
-    add("--tasks", help="comma-separated eval tasks [those the runs were evaluated on]")
+    tasks = "comma-separated eval tasks [those the runs were evaluated on]"
+    add("--tasks", "--eval-tasks", help=tasks)  # the second as ldifs.py names it
     add("--wise-ft", type=mixing_weights, default=[], help="WiSE-FT weights alpha, e.g. 0.25,0.5")
     add("--json", type=ldifs.user_path, help="also write the results here")
     add("--plot", type=ldifs.user_path, help="also plot accuracy against forgetting: PNG, PDF...")

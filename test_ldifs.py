@@ -1177,6 +1177,12 @@ def test_path_flags_expand_a_tilde_the_shell_left(tmp_path, monkeypatch):
     assert (args.runs, args.json, args.plot) == ([home / "runs/x"], home / "e.json", home / "e.png")
 
 
+def test_eval_py_takes_ldifs_py_s_eval_tasks_flag_as_its_tasks():
+    """Typed as in ldifs.py, --eval-tasks was refused as unrecognised by eval.py."""
+    for flag in ("--tasks", "--eval-tasks"):
+        assert evaluation.parse_args(["runs/x", flag, "cifar10,svhn"]).tasks == "cifar10,svhn"
+
+
 def test_eval_tasks_that_name_only_the_trained_tasks_warn_that_nothing_is_left(capsys):
     warning = "ldifs.py: warning: --eval-tasks synthetic names only tasks trained on"
     for flags, warned, left in [
