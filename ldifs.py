@@ -959,8 +959,9 @@ def check_model(name, pretrained):
     # '' (an unset $WEIGHTS, say) too: open_clip would build random weights for it, silently
     if tag is not None and not get_pretrained_cfg(name, tag) and not os.path.isfile(tag):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        default = " (the default)" if tag == RELEASE_RECIPE["pretrained"] else ""  # maybe untyped
         raise UsageError(
-            f"--pretrained {tag!r} is neither a tag of {name} ({known}) nor a file; "
+            f"--pretrained {tag!r}{default} is neither a tag of {name} ({known}) nor a file; "
             "pass a tag, a checkpoint path, or 'none'"
         )
 

@@ -1551,6 +1551,11 @@ ONE_SHORT_STEP = ["--head", "zs", "--max-steps", "1", "--batch-size", "2", "--ev
             "neither a tag",
             2,
         ),
+        (  # the user typed no --pretrained: the message says where 'openai' came from
+            ["--task", "eurosat", "--model", "ldifs-tiny"],
+            "--pretrained 'openai' (the default) is neither a tag of ldifs-tiny (none) nor a file",
+            2,
+        ),
         (  # an unset $WEIGHTS in a script: not random weights, silently
             ["--task", "synthetic", "--model", "ViT-B-32", "--pretrained", "", *ONE_SHORT_STEP],
             "--pretrained '' is neither a tag of ViT-B-32 (openai, ",
