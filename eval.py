@@ -236,6 +236,7 @@ def evaluate(args):
     if args.plot:
         plot(rows[1:], args.plot, args.plot_x)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         results = {"model": model, "pretrained": pretrained, "tasks": tasks, "rows": rows}
         ldifs.write_json(results, args.json)
     print(markdown(rows, tasks))

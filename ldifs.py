@@ -173,7 +173,7 @@ def train(classifier, reference, data, optimizer, init_head, start_step, stage, 
     model = ddp(classifier) if stage.world_size > 1 else classifier
     batches = step_batches(len(data), args.batch_size, args.seed, start_step, stage.total_steps)
     pin = args.device.type == "cuda"
-    shard = [batch[stage.rank :: stage.world_size] for batch in batches]  # this rank's share
+    shard = (batch[stage.rank :: stage.world_size] for batch in batches)  # this rank's share
     log = TrainLog(start_step, stage, args)
     nhwc = getattr(getattr(reference, "trunk", reference), "output_fmt", "") == "NHWC"  # Swin
     ref_taps = stage.taps if args.lam > 0 else []
@@ -315,10 +315,9 @@ class TrainLog:
         """Stop before a non-finite loss or weight can reach a checkpoint."""
         loss = sums.isfinite().all()
         if not (loss and (model is None or all(p.isfinite().all() for p in model.parameters()))):
-            what, last = "weights" if loss else "loss", f"{self.stage.out}/checkpoint.pt"
-            raise UserError(
-                f"the {what} became non-finite by step {step}; {last} is kept; lower --lr"
-            )
+            what = "weights" if loss else "loss"
+            kept = f"the last checkpoint in {self.stage.out} is kept; try a lower --lr"
+            raise UserError(f"the {what} became non-finite by step {step}; {kept}")
 
     def images_per_second(self, step=None):
         """Throughput from the second step to `step` (the last), or None (JSON's null) before."""
