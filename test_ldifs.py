@@ -659,6 +659,9 @@ def test_task_names_are_read_in_any_case_and_the_target_is_no_eval_task(tmp_path
     baseline = ldifs.parse_args(["--lam", "0", "--l2sp", "0.5", "--label-smoothing", "0.1"])
     ldifs.resolve_args(baseline)
     assert baseline.out == Path("runs/eurosat-lam0-l2sp0.5-ls0.1")  # not FT's folder
+    hub = ldifs.parse_args(["--model", "hf-hub:org/repo", "--pretrained", "openai"])
+    ldifs.resolve_args(hub)  # open_clip loads the repo's own weights, whatever the tag
+    assert hub.pretrained == "none" and "seed" not in ldifs.weights_key(hub.model, "none", 3)
 
 
 @pytest.mark.parametrize(
@@ -1025,7 +1028,6 @@ def test_eval_plots_target_accuracy_against_forgetting_with_labels_inside(two_ru
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(plt, "close", lambda figure: figures.append(figure))
         evaluation.plot(rows, path, "delta_lp")
-    close(figures[0])
     assert path.read_bytes()[:4] == b"\x89PNG"
     figure = figures[0]
     renderer = figure.canvas.get_renderer()
@@ -1037,6 +1039,7 @@ def test_eval_plots_target_accuracy_against_forgetting_with_labels_inside(two_ru
         assert axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and box.y1 <= axes_box.y1, (
             label.get_text()
         )
+    close(figure)
 
 
 def test_eval_plot_needs_matplotlib_and_an_eval_task(two_runs, capsys, monkeypatch):
