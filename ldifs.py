@@ -1169,7 +1169,7 @@ def load_finished_stage(clip, stage, args):
     except Exception as e:  # missing, truncated or corrupt: a run copied in part
         raise UserError(f"cannot load the finished run in {stage.out}: {one_line(e)}") from e
     if stage.rank == 0:
-        print(f"{stage.task.name}: already finished in {stage.out} (eval.py measures it again)")
+        print(f"{stage.task.name}: already finished in {stage.out}; eval.py measures it further")
     return linear_head(head["weight"], head["bias"])
 
 

@@ -1014,6 +1014,7 @@ def test_eval_plots_target_accuracy_against_forgetting_with_labels_inside(two_ru
             "alpha": a,
             "label": f"synthetic run {run} with a long label",
             "avg_delta_lp": d,
+            "avg_a_lp": 0.5 + d,
             "target_accuracy": t,
         }
         for run, points in (
@@ -1028,6 +1029,7 @@ def test_eval_plots_target_accuracy_against_forgetting_with_labels_inside(two_ru
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(plt, "close", lambda figure: figures.append(figure))
         evaluation.plot(rows, path, "delta_lp")
+        evaluation.plot(rows, path.with_suffix(".pdf"), "a_lp")
     assert path.read_bytes()[:4] == b"\x89PNG"
     figure = figures[0]
     renderer = figure.canvas.get_renderer()
@@ -1040,6 +1042,16 @@ def test_eval_plots_target_accuracy_against_forgetting_with_labels_inside(two_ru
             label.get_text()
         )
     close(figure)
+    assert figures[1].axes[0].get_xlabel() == "average A_LP over eval tasks (%)"
+    assert path.with_suffix(".pdf").read_bytes()[:4] == b"%PDF"  # the format its suffix names
+    close(figures[1])
+
+
+def test_every_torch_load_reads_weights_alone():
+    """A checkpoint that pickles code runs it when loaded: every load is weights_only."""
+    for script in ("ldifs.py", "eval.py"):
+        loads = re.findall(r"torch\.load\b[^)]*\)", (HERE / script).read_text())
+        assert loads and all("weights_only=True" in call for call in loads), script
 
 
 def test_eval_plot_needs_matplotlib_and_an_eval_task(two_runs, capsys, monkeypatch):
