@@ -379,11 +379,11 @@ PROBE_STEPS = 1000  # the release's full-batch AdamW steps per fit
 PROBE_LOGITS = 2**27  # at most this many logits at once: probes share a pass while they fit
 
 
-def fit_linear_probes(x, y, num_classes, lrs, steps=None, seed=0):
+def fit_linear_probes(x, y, num_classes, lrs, steps=None):
     """The release's probes, one per lr: nn.Linear from its default init (seeded), fit
     full-batch on the L2-normalised features by AdamW (weight decay 0.01) for 1000 steps.
     Speed-up, same maths: they fit side by side in one matmul, each in its own param group."""
-    steps, g = steps or PROBE_STEPS, torch.Generator().manual_seed(seed)
+    steps, g = steps or PROBE_STEPS, torch.Generator().manual_seed(0)
     x, y = F.normalize(x.clone(), dim=-1), y.clone()  # inference tensors cannot enter autograd
     head, bound = torch.nn.Linear(x.shape[1], num_classes), x.shape[1] ** -0.5
     with torch.no_grad():  # nn.Linear's own init, U(-1/sqrt(dim), 1/sqrt(dim)), seeded
@@ -633,10 +633,10 @@ def needs_quick_gelu(name, pretrained):
     """OpenAI weights lose accuracy silently without QuickGELU; a run's config says so too."""
     if pretrained and os.path.isfile(pretrained):
         saved = Path(pretrained).with_name("open_clip_config.json")
-        return saved.is_file() and json.loads(saved.read_text())["model_cfg"].get("quick_gelu")
-    return bool(
-        pretrained and (open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu")
-    )
+        config = json.loads(saved.read_text())["model_cfg"] if saved.is_file() else {}
+    else:
+        config = (open_clip.get_pretrained_cfg(name, pretrained) if pretrained else None) or {}
+    return bool(config.get("quick_gelu"))
 
 
 def load_clip(name, pretrained, device="cpu"):
@@ -644,7 +644,7 @@ def load_clip(name, pretrained, device="cpu"):
     check_model(name, pretrained)
     tag = None if pretrained == "none" else pretrained
     required = bool(tag) or name.startswith(OWN_WEIGHTS)
-    quick = bool(needs_quick_gelu(name, tag))
+    quick = needs_quick_gelu(name, tag)
     try:
         return open_clip.create_model_and_transforms(
             name, tag, device=device, force_quick_gelu=quick, require_pretrained=required
@@ -1128,9 +1128,8 @@ def save_outputs(clip, classifier, classnames, init_head, metrics, stage, args):
     if args.model.startswith("local-dir:"):  # its config, as it came
         config = json.loads(Path(args.model[10:], "open_clip_config.json").read_text())["model_cfg"]
     if config is not None:
-        config["quick_gelu"] = bool(needs_quick_gelu(args.model, args.pretrained)) or config.get(
-            "quick_gelu", False
-        )
+        quick = needs_quick_gelu(args.model, args.pretrained)
+        config["quick_gelu"] = config.get("quick_gelu", False) or quick
         both = {"model_cfg": config, "preprocess_cfg": clip.visual.preprocess_cfg}
         write_json(both, stage.out / "open_clip_config.json")
     write_json(metrics, stage.out / "metrics.json")
@@ -1163,11 +1162,8 @@ def load_finished_stage(clip, stage, args):
     """A stage that already finished: its encoder into clip.visual, and its head."""
     check_same_run(read_metrics(stage.out), "metrics.json", stage, args)
     load = functools.partial(torch.load, map_location=args.device, weights_only=True)
-    try:
-        clip.load_state_dict(load(stage.out / "open_clip_pytorch_model.bin"))
-        head = load(stage.out / "head.pt")
-    except Exception as e:  # missing, truncated or corrupt: a run copied in part
-        raise UserError(f"cannot load the finished run in {stage.out}: {one_line(e)}") from e
+    clip.load_state_dict(load(stage.out / "open_clip_pytorch_model.bin"))
+    head = load(stage.out / "head.pt")
     if stage.rank == 0:
         print(f"{stage.task.name}: already finished in {stage.out}; eval.py measures it further")
     return linear_head(head["weight"], head["bias"])
