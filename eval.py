@@ -4,11 +4,13 @@
     python eval.py RUN [RUN ...] [--tasks a,b] [--wise-ft 0.25,0.5,0.75] [--json F] [--plot F.png]
 
 Rows: the pre-trained model the runs started from, each run, and each run's WiSE-FT mixes
-((1 - alpha) * start + alpha * fine-tuned image encoder and head, the start being the
-pre-trained encoder, or for stage k > 0 of a continual run stage k-1's). Columns: the run's
-own test accuracy on its target task, the linear-probe accuracy A_LP on every eval task,
-Delta_LP = A_LP(row) - A_LP(pre-trained), and the averages. Runs may have different target
-tasks, but must share the model and pre-trained weights.
+((1 - alpha) * start + alpha * fine-tuned CLIP and head, the start being the pre-trained
+CLIP, or for stage k > 0 of a continual run stage k-1's). Columns: the run's own test
+accuracy on its target task, the linear-probe accuracy A_LP on every eval task, Delta_LP =
+A_LP(row) - A_LP(pre-trained), and their averages over the eval tasks other than the run's
+target, as the paper's. Runs may have different target tasks, but must share the model and
+pre-trained weights. --by-method prints the paper's table: one row per method, averaged over
+the runs' target tasks.
 """
 
 import argparse
@@ -33,6 +35,7 @@ def parse_args(argv=None):
     tasks = "comma-separated eval tasks [those the runs were evaluated on]"
     add("--tasks", "--eval-tasks", help=tasks)  # the second as ldifs.py names it
     add("--wise-ft", type=mixing_weights, help="WiSE-FT weights alpha, e.g. 0.25,0.5 [none]")
+    add("--by-method", action="store_true", help="also a row per method over its target tasks")
     add("--json", type=Path, help="also write the results here")
     add("--plot", type=Path, help="also plot accuracy against forgetting: PNG, PDF...")
     add("--plot-x", choices=["delta_lp", "a_lp"], default="delta_lp", help="the plot's x axis")
@@ -101,14 +104,21 @@ def check_same_start(runs):
     return starts.popitem()[1]
 
 
+LOSSES = {"flyp": "FLYP", "flyp-ce": "FLYP-CE"}
+
+
 def method_label(metrics):
-    """FT, LDIFS, L2-SP or LS (label smoothing), as the paper names them; the head init when
-    it is not LP-init; and, for a stage of a continual run, the sequence up to it."""
+    """FT, LDIFS, L2-SP, LS (label smoothing), FLYP or FLYP-CE, as the paper names them; the
+    head init when it is not LP-init; a frozen head; and for a continual stage, the sequence."""
     lam, alpha, eps = metrics["lam"], metrics.get("l2sp", 0), metrics.get("label_smoothing", 0)
-    methods = [f"LDIFS (lam {lam:g})"] * bool(lam) + [f"L2-SP (alpha {alpha:g})"] * bool(alpha)
-    label = " + ".join(methods + [f"LS (eps {eps:g})"] * bool(eps)) or "FT"
-    if metrics.get("head") == "zs":
+    loss = metrics.get("loss", "ce")
+    methods = [LOSSES.get(loss)] * (loss != "ce") + [f"LDIFS (lam {lam:g})"] * bool(lam)
+    methods += [f"L2-SP (alpha {alpha:g})"] * bool(alpha) + [f"LS (eps {eps:g})"] * bool(eps)
+    label = " + ".join(methods) or "FT"
+    if metrics.get("head") == "zs" and loss == "ce":
         label += ", ZS-init"
+    if metrics.get("freeze_head"):
+        label += ", frozen head"
     sequence = metrics.get("sequence") or []
     if len(sequence) > 1:
         label += f", continual {' > '.join(sequence[: metrics['stage'] + 1])}"
@@ -129,6 +139,17 @@ def wise_ft(pretrained, finetuned, alpha):
     """WiSE-FT: (1 - alpha) * pretrained + alpha * finetuned, tensor by tensor."""
     mix = lambda k: torch.lerp(pretrained[k].float(), finetuned[k].float(), alpha)  # noqa: E731
     return {k: mix(k).to(pretrained[k].dtype) for k in pretrained}
+
+
+def mixed_head(clip, head, alpha, metrics, args):
+    """The head of a WiSE-FT mix: the initial and final heads mixed alike or, for FLYP, which
+    trains no head, the zero-shot head of the mixed text tower (the WiSE-FT paper's way)."""
+    if metrics.get("loss", "ce") == "ce":
+        mixed = [torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")]
+        return ldifs.linear_head(*mixed).to(args.device)
+    tokenizer = ldifs.tokenizer_of(metrics["model"])
+    names, templates = head["classnames"], metrics["templates"]
+    return ldifs.zero_shot_head(clip, tokenizer, names, templates, args.device)
 
 
 def probe_row(encoder, tasks, transform, args, weights=None):
@@ -160,45 +181,66 @@ def eval_tasks(runs, args):
     return kept
 
 
-def rows_for_run(run, label, pretrained, transform, tasks, alphas, baseline, args):
+def rows_for_run(run, label, clip, transform, tasks, alphas, baseline, args):
     """The run's row and one per WiSE-FT mix: target accuracy with the mixed head, A_LP. The
-    mix starts (alpha 0) from the encoder the run started from, on whose features its
-    initial head was fit: the pre-trained one, or for a continual stage k > 0, stage k-1's."""
-    metrics, head, rows = run["metrics"], run["head"], []
+    mix starts (alpha 0) from the CLIP the run started from, on whose features its initial
+    head was fit: the pre-trained one, or for a continual stage k > 0, stage k-1's."""
+    metrics, rows, method = run["metrics"], [], method_label(run["metrics"])
     test = ldifs.get_dataset(metrics["task"], "test", args.data_root, transform, args.download)
-    finetuned = image_encoder_weights(run["weights"], args.device)
-    start = image_encoder_weights(run["start"], args.device) if run["start"] else None
+    on_device = lambda weights: {k: v.to(args.device) for k, v in weights.items()}  # noqa: E731
+    finetuned, start = on_device(run["weights"]), on_device(run["start"] or clip.state_dict())
     for alpha in dict.fromkeys([1.0, *alphas]):  # alpha 1 is the run's own row: once
-        encoder = copy.deepcopy(pretrained)
-        encoder.load_state_dict(wise_ft(start or pretrained.state_dict(), finetuned, alpha))
-        mixed = [torch.lerp(head[f"init_{k}"], head[k], alpha) for k in ("weight", "bias")]
-        features = ldifs.extract_features(encoder, test, args)
-        accuracy = ldifs.probe_accuracy(ldifs.linear_head(*mixed).to(args.device), *features)
-        # alpha 0 of a run from the pre-trained encoder: its A_LP is the baseline's
-        pretrained_point = alpha == 0 and start is None
-        a_lp = baseline if pretrained_point else probe_row(encoder, tasks, transform, args)
-        name = label if alpha == 1.0 and not rows else f"  WiSE-FT alpha {alpha:g} of {label}"
-        row = dict(label=name, run=str(run["path"]), task=metrics["task"], lam=metrics["lam"])
+        model = copy.deepcopy(clip)
+        model.load_state_dict(wise_ft(start, finetuned, alpha))
+        head = mixed_head(model, run["head"], alpha, metrics, args)
+        accuracy = ldifs.probe_accuracy(head, *ldifs.extract_features(model.visual, test, args))
+        # alpha 0 of a run from the pre-trained CLIP: its A_LP is the baseline's
+        pretrained_point = alpha == 0 and run["start"] is None
+        a_lp = baseline if pretrained_point else probe_row(model.visual, tasks, transform, args)
+        mix = "" if alpha == 1.0 else f"WiSE-FT alpha {alpha:g} of "
+        name = label if alpha == 1.0 else f"  {mix}{label}"
+        row = dict(label=name, method=mix + method, run=str(run["path"]), task=metrics["task"])
         rows.append(dict(row, alpha=alpha, target_accuracy=accuracy, a_lp=a_lp))
     return rows
 
 
-def image_encoder_weights(clip_weights, device):
-    """The clip.visual part of a CLIP state dict (loaded to the CPU), on `device`."""
-    visual = {k: v for k, v in clip_weights.items() if k.startswith("visual.")}
-    return {k[len("visual.") :]: v.to(device) for k, v in visual.items()}
+def mean(values):
+    """The mean of the values that are there (None where none is)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def add_deltas(rows, baseline):
-    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    """Δ_LP per task, and the averages over the tasks but a run's own target, as the paper's."""
     for row in rows:
         row["delta_lp"] = {t: row["a_lp"][t] - baseline[t] for t in baseline}
-        row["avg_a_lp"] = mean([*row["a_lp"].values()])
-        row["avg_delta_lp"] = mean([*row["delta_lp"].values()])
+        others = [t for t in baseline if t != row.get("task")]
+        row["avg_a_lp"] = mean([row["a_lp"][t] for t in others])
+        row["avg_delta_lp"] = mean([row["delta_lp"][t] for t in others])
+
+
+AVERAGED = ("target_accuracy", "avg_a_lp", "avg_delta_lp")
+
+
+def by_method(rows):
+    """The paper's table: per method (its label less the target task), the mean over target
+    tasks of the mean over that task's runs (seeds, say), and how many target tasks."""
+    methods = {}
+    for row in rows:
+        methods.setdefault(row["method"], {}).setdefault(row["task"], []).append(row)
+    table = []
+    for method, targets in methods.items():
+        per_task = [{k: mean(r[k] for r in runs) for k in AVERAGED} for runs in targets.values()]
+        means = {k: mean(p[k] for p in per_task) for k in AVERAGED}
+        table.append(dict(method=method, **means, target_tasks=len(targets)))
+    return table
+
+
+def pct(value, sign=""):
+    return "-" if value is None else f"{100 * value:{sign}.1f}"
 
 
 def markdown(rows, tasks):
-    pct = lambda v, sign="": "-" if v is None else f"{100 * v:{sign}.1f}"  # noqa: E731
     head = ["model", "target acc", *(f"A_LP {t}" for t in tasks), *(f"Δ_LP {t}" for t in tasks)]
     table = []
     for i, r in enumerate(rows):
@@ -207,6 +249,16 @@ def markdown(rows, tasks):
         cells += [pct(d, "+") for d in deltas[:-1]] + [pct(r["avg_a_lp"]), pct(deltas[-1], "+")]
         table.append(cells)
     return ldifs.markdown_table(head + ["avg A_LP", "avg Δ_LP"], table)
+
+
+def method_markdown(table):
+    head = ["method", "target tasks", "target acc", "avg A_LP", "avg Δ_LP"]
+    rows = [
+        [r["method"], str(r["target_tasks"]), pct(r["target_accuracy"]), pct(r["avg_a_lp"])]
+        + [pct(r["avg_delta_lp"], "+")]
+        for r in table
+    ]
+    return ldifs.markdown_table(head, rows)
 
 
 def evaluate(args):
@@ -227,15 +279,18 @@ def evaluate(args):
     baseline = probe_row(clip.visual.eval(), tasks, transform, args, weights)
     rows = [{"label": baseline_label(model, pretrained), "target_accuracy": None, "a_lp": baseline}]
     for run, label in zip(runs, run_labels(runs), strict=True):
-        rows += rows_for_run(run, label, clip.visual, transform, tasks, alphas, baseline, args)
+        rows += rows_for_run(run, label, clip, transform, tasks, alphas, baseline, args)
     add_deltas(rows, baseline)
+    methods = by_method(rows[1:])
     if args.plot:
         plot(rows[1:], args.plot, args.plot_x)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         results = {"model": model, "pretrained": pretrained, "tasks": tasks, "rows": rows}
-        ldifs.write_json(results, args.json)
+        ldifs.write_json({**results, "by_method": methods}, args.json)
     print(markdown(rows, tasks))
+    if args.by_method:
+        print(f"\nBy method, averaged over target tasks:\n\n{method_markdown(methods)}")
     return rows
 
 

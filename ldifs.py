@@ -126,15 +126,48 @@ def frozen_copy(module):
 # ---------------------------------------------------------------------------- training
 
 
-def ldifs_loss(model, reference, taps, ref_taps, images, labels, lam, label_smoothing=0.0):
-    """Cross-entropy and the LDIFS distance D of one batch, from one trainable pass (speed-up,
-    same maths: the release runs the trainable encoder twice). lam 0 never runs the reference."""
-    ce = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
-    if lam == 0:
-        return ce, torch.zeros((), device=ce.device)
+def ldifs_loss(model, reference, taps, ref_taps, batch, args, clip_loss=None):
+    """The fine-tuning loss of a batch (images, labels, prompts) and its LDIFS distance D, from
+    one trainable pass (speed-up, same maths: the release runs the trainable encoder twice).
+    lam 0 never runs the reference."""
+    loss = fine_tuning_loss(model, *batch, args, clip_loss)
+    if args.lam == 0:
+        return loss, torch.zeros((), device=loss.device)
     with torch.no_grad():
-        reference(images)
-    return ce, ldifs_distance(list(taps.values()), list(ref_taps.values()))
+        reference(batch[0])
+    return loss, ldifs_distance(list(taps.values()), list(ref_taps.values()))
+
+
+def fine_tuning_loss(model, images, labels, prompts, args, clip_loss=None):
+    """--loss ce: the head's cross-entropy. flyp-ce: the cross-entropy of logit_scale.exp() times
+    the cosine similarities to one prompt per class. flyp: CLIP's contrastive loss between each
+    image and its own prompt, over the global batch (`clip_loss`: open_clip's ClipLoss)."""
+    smoothed = functools.partial(F.cross_entropy, label_smoothing=args.label_smoothing)
+    if args.loss == "ce":
+        return smoothed(model(images), labels)
+    image, text, scale = model(images, prompts)[:3]  # normalised embeddings, logit_scale.exp()
+    if args.loss == "flyp-ce":
+        return smoothed(scale * image @ text.T, labels)
+    # The release passes logit_scale.item(), a constant: detach() is the same, with no sync.
+    per_image, per_text = clip_loss.get_logits(image, text, scale.detach())
+    targets = clip_loss.get_ground_truth(images.device, len(per_image))
+    return (smoothed(per_image, targets) + smoothed(per_text, targets)) / 2
+
+
+def step_prompts(tokens, labels, step, stage, args):
+    """The step's prompts from `tokens` (classes, templates, length): for FLYP a template drawn
+    per image of the global batch (this rank's share) with its class, for FLYP-CE one per
+    class. Drawn as seeded by the step, so a resume and any number of ranks draw the same."""
+    if tokens is None:
+        return None
+    g = torch.Generator().manual_seed(hash((args.seed, step, -1)))  # -1: no image's seed
+    classes, templates = tokens.shape[:2]
+    if args.loss == "flyp-ce":
+        drawn = tokens[torch.arange(classes), torch.randint(templates, (classes,), generator=g)]
+    else:
+        per_image = torch.randint(templates, (args.batch_size,), generator=g)
+        drawn = tokens[labels, per_image[stage.rank :: stage.world_size]]
+    return drawn.to(args.device, non_blocking=True)
 
 
 def l2sp_penalty(encoder, reference):
@@ -166,43 +199,49 @@ class Stage:
     world_size: int = 1
 
 
-def train(classifier, reference, data, optimizer, init_head, start_step, stage, args):
-    """Fine-tune `classifier` with CE + lam * D (+ the L2-SP term) from `start_step` to the
-    stage's last step, checkpointing as it goes; return throughput metrics."""
-    ddp = torch.nn.parallel.DistributedDataParallel
-    model = ddp(classifier) if stage.world_size > 1 else classifier
+def train(model, reference, data, tokens, optimizer, init_head, start_step, stage, args):
+    """Fine-tune `model` (an ImageClassifier, or for FLYP the whole CLIP) with its loss + lam * D
+    (+ the L2-SP term) from `start_step` to the stage's last step, checkpointing as it goes;
+    return throughput metrics. `tokens`: every class's prompts for FLYP, else None."""
+    trained = torch.nn.parallel.DistributedDataParallel(model) if stage.world_size > 1 else model
     batches = step_batches(len(data), args.batch_size, args.seed, start_step, stage.total_steps)
     pin = args.device.type == "cuda"
     shard = (batch[stage.rank :: stage.world_size] for batch in batches)  # this rank's share
     log = TrainLog(start_step, stage, args)
     nhwc = getattr(getattr(reference, "trunk", reference), "output_fmt", "") == "NHWC"  # Swin
-    ref_taps = stage.taps if args.lam > 0 else []
-    classifier.train()
+    ref_names = stage.taps if args.lam > 0 else []
+    clip_loss = open_clip.ClipLoss(
+        gather_with_grad=True, rank=stage.rank, world_size=stage.world_size
+    )
+    model.train()
     with (
-        recorded_taps(classifier.encoder, stage.taps, nhwc) as taps,
-        recorded_taps(reference, ref_taps, nhwc) as reference_taps,
+        recorded_taps(model.visual, stage.taps, nhwc) as taps,
+        recorded_taps(reference, ref_names, nhwc) as ref_taps,
         contextlib.closing(log),
         tf32_matmuls(),
     ):
         loader = DataLoader(data, batch_sampler=shard, num_workers=args.workers, pin_memory=pin)
         for step, (images, labels) in enumerate(loader, start_step):
+            prompts = step_prompts(tokens, labels, step, stage, args)
             images = data.finish(images.to(args.device, non_blocking=True))
             labels = labels.to(args.device, non_blocking=True)
             lr = lr_at(step, args.lr, args.warmup, stage.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(args.device):
-                batch = (images, labels, args.lam, args.label_smoothing)
-                ce, distance = ldifs_loss(model, reference, taps, reference_taps, *batch)
-            penalty = l2sp_penalty(classifier.encoder, reference) if args.l2sp else 0 * ce
+                batch = (images, labels, prompts)
+                loss, distance = ldifs_loss(
+                    trained, reference, taps, ref_taps, batch, args, clip_loss
+                )
+            penalty = l2sp_penalty(model.visual, reference) if args.l2sp else 0 * loss
             optimizer.zero_grad(set_to_none=True)
-            (ce + args.lam * distance + args.l2sp * penalty).backward()
-            torch.nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip)
+            (loss + args.lam * distance + args.l2sp * penalty).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
-            log.record(step, ce, distance, penalty, lr)
+            log.record(step, loss, distance, penalty, lr)
             if is_checkpoint_step(step + 1, len(data), stage, args):
-                log.check_finite(log.sums, step + 1, classifier)
-                save_checkpoint(classifier, optimizer, init_head, step + 1, stage, args)
+                log.check_finite(log.sums, step + 1, model)
+                save_checkpoint(model, optimizer, init_head, step + 1, stage, args)
     rate, memory = log.images_per_second(), peak_memory_mb(args.device)
     return {"steps": stage.total_steps, "train_images_per_second": rate, "peak_memory_mb": memory}
 
@@ -488,35 +527,34 @@ def encoder_digest(encoder):
     return {"encoder": digest.hexdigest()}
 
 
-def forgetting_on(task, reference, encoder, digest, clip, transform, args):
-    """ZS and LP accuracy on `task` of the pre-trained and fine-tuned encoders, and the deltas."""
+def forgetting_on(task, pretrained, clip, digest, transform, args):
+    """ZS and LP accuracy on `task` of the pre-trained and fine-tuned CLIPs, and the deltas. Each
+    scores zero-shot with its own text tower: a FLYP run's has trained too."""
     weights = weights_key(args.model, args.pretrained, args.seed)
-    encoders = {"pretrained": (reference, weights), "finetuned": (encoder, None)}
+    models = {"pretrained": (pretrained, weights), "finetuned": (clip, None)}
     get_dataset(task, "test", args.data_root, download=args.download)  # fetched first
-    names = class_names(task, args.data_root)
-    zs = zero_shot_head(clip, tokenizer_of(args.model), names, task.templates, args.device)
     row = {}
-    for which, (model, key) in encoders.items():
-        test = task_features(model, task, transform, args, key, splits=("test",))["test"]
-        row[f"zs_{which}"] = probe_accuracy(zs, *test)
+    for which, (model, key) in models.items():
+        test = task_features(model.visual, task, transform, args, key, ("test",))["test"]
+        row[f"zs_{which}"] = probe_accuracy(task_zero_shot_head(model, task, args), *test)
         row[f"lp_{which}"] = cached_linear_probe(
-            model, task, transform, args, key or digest, key, test
+            model.visual, task, transform, args, key or digest, key, test
         )
     row["delta_zs"] = row["zs_finetuned"] - row["zs_pretrained"]
     row["delta_lp"] = row["lp_finetuned"] - row["lp_pretrained"]
     return row
 
 
-def evaluate_forgetting(reference, encoder, clip, transform, metrics, out, args):
+def evaluate_forgetting(pretrained, clip, transform, metrics, out, args):
     """forgetting_on each eval task, saved as it goes; a task without data is skipped."""
     rows = metrics.setdefault("forgetting_so_far", {})
-    digest = encoder_digest(encoder)
+    digest = encoder_digest(clip.visual)
     for name in args.eval_tasks:
         if name in rows and "skipped" not in rows[name]:  # measured before the run was killed
             continue
         try:
             task = get_task(name)
-            rows[name] = forgetting_on(task, reference, encoder, digest, clip, transform, args)
+            rows[name] = forgetting_on(task, pretrained, clip, digest, transform, args)
         except DataMissing as e:
             print(f"ldifs.py: warning: skipping eval task {name}: {e}", file=sys.stderr)
             rows[name] = {"skipped": str(e)}
@@ -575,14 +613,15 @@ def summarise_sequence(tasks, matrix, args):
 
 
 class ImageClassifier(torch.nn.Module):
-    """The image encoder and a linear head (with bias) on its L2-normalised features."""
+    """The image tower (`visual`, as CLIP names it) and a linear head (with bias) on its
+    L2-normalised features."""
 
-    def __init__(self, encoder, head):
+    def __init__(self, visual, head):
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.visual, self.head = visual, head
 
     def forward(self, images):
-        return self.head(F.normalize(image_embedding(self.encoder, images), dim=-1))
+        return self.head(F.normalize(image_embedding(self.visual, images), dim=-1))
 
 
 def image_embedding(encoder, images):
@@ -608,14 +647,32 @@ def zero_shot_head(clip, tokenizer, classnames, templates, device):
     return linear_head(weights.T * clip.logit_scale.exp().detach())
 
 
-def initial_head(clip, task, classnames, transform, stage, args):
-    """The zero-shot head, or (LP-init) the release's probe; features cached at the first stage."""
-    if args.head == "zs":
-        tokenizer = tokenizer_of(args.model)
-        return zero_shot_head(clip, tokenizer, classnames, task.templates, args.device)
+def task_zero_shot_head(clip, task, args):
+    """The zero-shot head of `clip`'s text tower on `task`, from the task's templates."""
+    names = class_names(task, args.data_root)
+    return zero_shot_head(clip, tokenizer_of(args.model), names, task.templates, args.device)
+
+
+def initial_head(clip, task, transform, stage, args):
+    """The zero-shot head (FLYP's always), or (LP-init) the release's probe; features cached
+    at the first stage."""
+    if args.head == "zs" or args.loss != "ce":
+        return task_zero_shot_head(clip, task, args)
     weights = weights_key(args.model, args.pretrained, args.seed) if stage.index == 0 else None
     f = task_features(clip.visual, task, transform, args, weights, splits=("train", "val"))
-    return select_probe(f["train"], f["val"], len(classnames))
+    return select_probe(f["train"], f["val"], task.num_classes)
+
+
+def scoring_head(clip, head, task, args):
+    """The head a stage is scored with: its own, or for FLYP, which trains no head, the
+    zero-shot head of its fine-tuned text tower, as the release scores FLYP."""
+    return head if args.loss == "ce" else task_zero_shot_head(clip, task, args)
+
+
+def prompt_tokens(classnames, templates, model):
+    """Every class's prompts, tokenized: (classes, templates, context length)."""
+    texts = [template.format(name) for name in classnames for template in templates]
+    return tokenizer_of(model)(texts).view(len(classnames), len(templates), -1)
 
 
 TINY_CLIP = "ldifs-tiny"
@@ -1049,14 +1106,16 @@ TASKS = {t.name: t for t in [  # tv(name, dataset, classes, templates, epochs, l
 
 # ------------------------------------------------------------------------- checkpoints
 
-RUN_FLAGS = "lam l2sp label_smoothing reference model pretrained head seed batch_size lr wd warmup"
-RUN_FLAGS = RUN_FLAGS.split() + ["grad_clip"]
+RUN_FLAGS = "loss lam l2sp label_smoothing freeze_head reference model pretrained head seed"
+RUN_FLAGS = RUN_FLAGS.split() + ["batch_size", "lr", "wd", "warmup", "grad_clip"]
 
 
 def run_config(stage, args):
-    """What a resumed stage must share with its checkpoint: flags, task, length and taps."""
-    derived = {"task": stage.task.name, "epochs": stage.epochs, "total_steps": stage.total_steps}
-    return {**{k: getattr(args, k) for k in RUN_FLAGS}, **derived, "taps": list(stage.taps)}
+    """What a resumed stage must share with its checkpoint: flags, task, templates (eval.py
+    rebuilds FLYP's head from them), length and taps."""
+    derived = {"task": stage.task.name, "templates": list(stage.task.templates)}
+    derived.update(epochs=stage.epochs, total_steps=stage.total_steps, taps=list(stage.taps))
+    return {**{k: getattr(args, k) for k in RUN_FLAGS}, **derived}
 
 
 def is_checkpoint_step(step, n, stage, args):
@@ -1065,12 +1124,12 @@ def is_checkpoint_step(step, n, stage, args):
     return epoch_end or periodic or step == stage.total_steps
 
 
-def save_checkpoint(classifier, optimizer, init_head, step, stage, args):
+def save_checkpoint(model, optimizer, init_head, step, stage, args):
     """Everything a bitwise-identical resume needs, as state dicts and plain values only."""
     if stage.rank != 0:
         return
     # No RNG state: batches and augmentations are seeded by the step and the image.
-    checkpoint = dict(model=classifier.state_dict(), optimizer=optimizer.state_dict(), step=step)
+    checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step)
     checkpoint.update(init_head=init_head, config=run_config(stage, args))
     atomic_save(checkpoint, stage.out / "checkpoint.pt")
 
@@ -1094,16 +1153,16 @@ def check_same_run(saved, source, stage, args):
         raise UsageError(f"--resume with other settings than the {source}: {', '.join(changed)}")
 
 
-def restore(checkpoint, classifier, optimizer, stage):
-    """Load a checkpoint, drop the log lines written after it; return its step, initial head."""
-    classifier.load_state_dict(checkpoint["model"])
+def restore(checkpoint, model, optimizer, stage):
+    """Load a checkpoint, drop the log lines written after it; return its step."""
+    model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     log = stage.out / "log.jsonl"
     if log.exists() and stage.rank == 0:
         lines = log.read_text().splitlines()
         kept = [line for line in lines if json.loads(line)["step"] <= checkpoint["step"]]
         atomic_write(log, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-    return checkpoint["step"], checkpoint["init_head"]
+    return checkpoint["step"]
 
 
 def check_out(args):
@@ -1247,6 +1306,8 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--task", default="eurosat", help="a task, a,b,c for a continual run, or folder:PATH")
     add("--lam", type=WEIGHT, default=10.0, help="weight of the LDIFS distance; 0: plain FT")
+    losses = "ce: the head's cross-entropy; flyp, flyp-ce: the release's FLYP (both towers train)"
+    add("--loss", choices=["ce", "flyp", "flyp-ce"], default="ce", help=losses)
     add("--l2sp", type=WEIGHT, default=0.0, help="L2-SP baseline weight (the release uses 0.5)")
     smoothing = bounded(float, 0, below=1)
     add("--label-smoothing", type=smoothing, default=0.0, help="label-smoothing baseline's eps")
@@ -1256,10 +1317,11 @@ def parse_args(argv=None):
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
     add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
+    add("--freeze-head", action="store_true", help="keep the head at its init (--loss ce)")
     add("--templates", help="prompt templates file, one a line with {} [the task's]")
     where = "where data is read and downloaded ($LDIFS_DATA)"
     add("--data-root", default=DATA_ROOT, help=where)
-    add("--out", type=Path, help="run directory [runs/<task>-lam<lam>[-l2sp<a>][-ls<e>]]")
+    add("--out", type=Path, help="run directory [runs/<task>-lam<lam>[-<loss>][-l2sp<a>]...]")
     add("--epochs", type=POSITIVE, help="training epochs per task [the release's for each task]")
     add("--max-steps", type=POSITIVE, help="stop after this many optimizer steps")
     add("--batch-size", type=POSITIVE, help="global batch size [128]")
@@ -1300,6 +1362,8 @@ def resolve_args(args):
     names = [task.name for task in tasks]
     if len(set(names)) < len(names):
         raise UsageError(f"--task {args.task!r} repeats a task; a sequence visits each task once")
+    if args.freeze_head and args.loss != "ce":
+        raise UsageError(f"--freeze-head: --loss {args.loss} trains no head (FLYP has none)")
     recipe = {**RELEASE_RECIPE, **tasks[0].recipe}
     if args.model not in (None, recipe["model"]):  # a recipe's weights are those of its model
         recipe["pretrained"] = RELEASE_RECIPE["pretrained"]
@@ -1313,10 +1377,12 @@ def resolve_args(args):
     if args.model.startswith("local-dir:"):  # the same for a folder of weights
         args.model = "local-dir:" + os.path.abspath(args.model.split(":", 1)[1])
     args.eval_tasks = [n for n in parse_eval_tasks(args.eval_tasks) if n not in names]
-    if args.out is None:  # the baselines' weights too: an L2-SP run at --lam 0 is not FT's
+    if args.out is None:  # the loss and baselines too: an L2-SP run at --lam 0 is not FT's
         baselines = {"l2sp": args.l2sp, "ls": args.label_smoothing}
         parts = ["+".join(map(file_safe, names)), f"lam{args.lam:g}"]
-        args.out = Path("runs", "-".join(parts + [f"{k}{v:g}" for k, v in baselines.items() if v]))
+        parts += [args.loss] * (args.loss != "ce") + ["frozen-head"] * args.freeze_head
+        parts += [f"{k}{v:g}" for k, v in baselines.items() if v]
+        args.out = Path("runs", "-".join(parts))
     check_model(args.model, args.pretrained)  # before any data is downloaded
     return tasks
 
@@ -1380,12 +1446,12 @@ def run(args):
     torch.manual_seed(args.seed)
     clip, *transforms = load_clip(args.model, args.pretrained, args.device)
     taps = args.taps.split(",") if args.taps else default_tap_names(clip.visual)
-    pretrained = frozen_copy(clip.visual)
+    pretrained = frozen_copy(clip)  # both towers: FLYP trains the text tower too
     heads, matrix, main = {}, [], shard[0] == 0
     for k, task in enumerate(tasks):
         stage = plan_stage(k, tasks, len(data[task.name][0]), taps, shard, args)
         previous = k > 0 and args.reference == "previous"
-        reference = frozen_copy(clip.visual) if previous else pretrained
+        reference = frozen_copy(clip.visual) if previous else pretrained.visual
         heads[task.name] = finetune(
             clip, reference, pretrained, data[task.name], transforms, stage, args
         )
@@ -1394,7 +1460,8 @@ def run(args):
             for seen in tasks[: k + 1]:
                 test = Transformed(data[seen.name][1], transforms[1])
                 features = extract_features(clip.visual, test, args)
-                matrix[-1].append(probe_accuracy(heads[seen.name], *features))
+                head = scoring_head(clip, heads[seen.name], seen, args)  # FLYP: today's towers
+                matrix[-1].append(probe_accuracy(head, *features))
     if len(tasks) > 1 and main:
         summarise_sequence(tasks, matrix, args)
 
@@ -1414,26 +1481,30 @@ def fetch_data(tasks, rank, args):
 
 
 def finetune(clip, reference, pretrained, data, transforms, stage, args):
-    """One stage: train (or load) clip.visual and a head on (train, test) `data`, save, report."""
+    """One stage: train (or load) clip.visual and a head, or for FLYP both towers, on (train,
+    test) `data`; save, report; return the stage's head."""
     (train_images, test_data), (train_transform, eval_transform) = data, transforms
     resume = args.resume and (stage.out / "checkpoint.pt").exists()
     checkpoint = load_checkpoint(stage, args) if resume else None  # it checks the flags
     if args.resume and finished(read_metrics(stage.out)):  # checkpoint kept or not
         return load_finished_stage(clip, stage, args)
     stage.out.mkdir(parents=True, exist_ok=True)
-    classnames = class_names(stage.task, args.data_root)
-    if checkpoint:
-        head = linear_head(checkpoint["model"]["head.weight"], checkpoint["model"]["head.bias"])
+    if checkpoint:  # restore() loads the trained head over its init
+        head = linear_head(checkpoint["init_head"]["weight"], checkpoint["init_head"]["bias"])
     else:
-        head = initial_head(clip, stage.task, classnames, eval_transform, stage, args)
-    classifier = ImageClassifier(clip.visual, head)
-    optimizer = make_optimizer(classifier.parameters(), args)
+        head = initial_head(clip, stage.task, eval_transform, stage, args)
     init_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    start_step, init_head = (
-        restore(checkpoint, classifier, optimizer, stage) if checkpoint else (0, init_head)
-    )
+    head.requires_grad_(not args.freeze_head)
+    clip.logit_scale.requires_grad_(args.loss != "flyp")  # FLYP's is a constant, as in the release
+    model = ImageClassifier(clip.visual, head) if args.loss == "ce" else clip
+    optimizer = make_optimizer(model.parameters(), args)
+    start_step = restore(checkpoint, model, optimizer, stage) if checkpoint else 0
+    classnames = class_names(stage.task, args.data_root)
+    flyp = args.loss != "ce"
+    tokens = prompt_tokens(classnames, stage.task.templates, args.model) if flyp else None
     start, images = time.perf_counter(), Transformed(train_images, train_transform, args.seed)
-    metrics = train(classifier, reference, images, optimizer, init_head, start_step, stage, args)
+    metrics = train(model, reference, images, tokens, optimizer, init_head, start_step, stage, args)
+    classifier = ImageClassifier(clip.visual, scoring_head(clip, head, stage.task, args))
     if stage.rank == 0:
         metrics.update(train_seconds=time.perf_counter() - start, **run_config(stage, args))
         if start_step == stage.total_steps:  # resumed only to evaluate: nothing was measured
@@ -1443,7 +1514,7 @@ def finetune(clip, reference, pretrained, data, transforms, stage, args):
         metrics.update(stage=stage.index, sequence=list(stage.sequence))
         save_outputs(clip, classifier, classnames, init_head, metrics, stage, args)  # nothing lost
         report(clip, classifier, pretrained, test_data, eval_transform, metrics, stage, args)
-    return head
+    return classifier.head
 
 
 def finished(metrics):
@@ -1460,7 +1531,7 @@ def measured_before(out, eval_tasks):
 
 def report(clip, classifier, pretrained, test_data, transform, metrics, stage, args):
     """The saved stage's target accuracy and forgetting against the pre-trained encoder."""
-    test = extract_features(classifier.encoder, Transformed(test_data, transform), args)
+    test = extract_features(classifier.visual, Transformed(test_data, transform), args)
     metrics["test_accuracy"] = probe_accuracy(classifier.head, *test)
     write_json(metrics, stage.out / "metrics.json")  # kept if killed in the long part below
     rate = metrics["train_images_per_second"]
@@ -1470,7 +1541,7 @@ def report(clip, classifier, pretrained, test_data, transform, metrics, stage, a
     if not args.eval_tasks:
         return
     metrics["forgetting"] = evaluate_forgetting(
-        pretrained, classifier.encoder, clip, transform, metrics, stage.out, args
+        pretrained, clip, transform, metrics, stage.out, args
     )
     write_json(metrics, stage.out / "metrics.json")
     print(f"\nConcept forgetting after fine-tuning on {stage.task.name} (lam {args.lam:g}), %:\n")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.models import register_model
 from timm.models.convnext import ConvNeXt
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 import eval as evaluation
@@ -128,7 +129,7 @@ def fit(args, stage, classifier, reference, data):
     """ldifs.train from step 0 with a fresh optimizer, in this process."""
     optimizer = ldifs.make_optimizer(classifier.parameters(), args)
     init_head = {k: v.detach().clone() for k, v in classifier.head.state_dict().items()}
-    return ldifs.train(classifier, reference, data, optimizer, init_head, 0, stage, args)
+    return ldifs.train(classifier, reference, data, None, optimizer, init_head, 0, stage, args)
 
 
 def strict_json(text):
@@ -357,7 +358,7 @@ def count_forwards(module):
 def test_training_moves_the_encoder_once_a_step_and_never_the_reference(tmp_path):
     args, stage, classifier, reference, data = tiny_setup(tmp_path, steps=4)
     before, encoder_before = (copy.deepcopy(m.state_dict()) for m in (reference, classifier))
-    trainable, frozen = count_forwards(classifier.encoder), count_forwards(reference)
+    trainable, frozen = count_forwards(classifier.visual), count_forwards(reference)
     fit(args, stage, classifier, reference, data)
     assert len(trainable) == 4 and len(frozen) == 4  # one pass each a step
     assert all(p.grad is None for p in reference.parameters())
@@ -388,10 +389,11 @@ def test_ldifs_term_is_zero_at_step_zero_and_lam_times_d_is_logged(tmp_path):
     images = data.finish(torch.stack([data[i][0] for i in range(8)]))
     labels = torch.tensor([data[i][1] for i in range(8)])
     with (
-        ldifs.recorded_taps(classifier.encoder, stage.taps) as taps,
+        ldifs.recorded_taps(classifier.visual, stage.taps) as taps,
         ldifs.recorded_taps(reference, stage.taps) as ref_taps,
     ):
-        ce, distance = ldifs.ldifs_loss(classifier, reference, taps, ref_taps, images, labels, 10.0)
+        batch = (images, labels, None)
+        ce, distance = ldifs.ldifs_loss(classifier, reference, taps, ref_taps, batch, args)
     # not bitwise 0: the frozen copy's attention may take torch's fused inference path
     assert abs(distance.item()) < 1e-10 and ce.item() > 0
     fit(args, stage, classifier, reference, data)
@@ -414,6 +416,59 @@ def test_label_smoothing_is_torchs_in_the_training_loss(tmp_path):
     expected = F.cross_entropy(logits, labels, label_smoothing=0.2).item()
     assert read_log(stage.out)[0]["loss/ce"] == pytest.approx(expected, rel=1e-5)
     assert abs(F.cross_entropy(logits, labels).item() - expected) > 1e-3
+
+
+def test_flyp_is_open_clips_clip_loss_and_flyp_ce_scores_one_prompt_per_class():
+    """FLYP: CLIP's contrastive loss on the batch's normalised embeddings, the logit scale a
+    constant; FLYP-CE: CE of logit_scale.exp() times the cosines to one prompt per class."""
+    torch.manual_seed(0)
+    clip, _, _ = ldifs.load_clip(ldifs.TINY_CLIP, "none")
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    prompts = open_clip.get_tokenizer(ldifs.TINY_CLIP)([f"a photo of {k}." for k in range(6)])
+    image = clip.encode_image(images, normalize=True)
+    text, scale = clip.encode_text(prompts, normalize=True), clip.logit_scale.exp()
+    args = types.SimpleNamespace(loss="flyp", label_smoothing=0.0)
+    flyp = ldifs.fine_tuning_loss(clip, images, labels, prompts, args, open_clip.ClipLoss())
+    assert flyp.item() == pytest.approx(open_clip.ClipLoss()(image, text, scale).item(), rel=1e-6)
+    flyp.backward()
+    assert clip.logit_scale.grad is None and clip.text_projection.grad.abs().sum() > 0
+    args.label_smoothing = 0.2  # smooths both directions' cross-entropy
+    smoothed = ldifs.fine_tuning_loss(clip, images, labels, prompts, args, open_clip.ClipLoss())
+    logits, targets = scale * image @ text.T, torch.arange(6)
+    both = F.cross_entropy(logits, targets, label_smoothing=0.2)
+    both += F.cross_entropy(logits.T, targets, label_smoothing=0.2)
+    assert smoothed.item() == pytest.approx(both.item() / 2, rel=1e-5)
+    args.loss, args.label_smoothing = "flyp-ce", 0.0
+    per_class = ldifs.fine_tuning_loss(clip, images, labels, prompts[:3], args)
+    expected = F.cross_entropy(scale * image @ text[:3].T, labels)
+    assert per_class.item() == pytest.approx(expected.item(), rel=1e-6)
+    per_class.backward()
+    assert clip.logit_scale.grad.abs() > 0  # FLYP-CE trains it
+
+
+def test_flyp_prompts_name_each_images_class_vary_by_step_and_are_drawn_again_on_resume():
+    names, templates = ("cat", "dog", "eel"), ldifs.PHOTO_TEMPLATES
+    tokens = ldifs.prompt_tokens(names, templates, ldifs.TINY_CLIP)
+    tokenize = open_clip.get_tokenizer(ldifs.TINY_CLIP)
+    args = types.SimpleNamespace(loss="flyp", seed=0, batch_size=8, device=torch.device("cpu"))
+    one, labels = (
+        types.SimpleNamespace(rank=0, world_size=1),
+        torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+    )
+    drawn = [ldifs.step_prompts(tokens, labels, step, one, args) for step in (0, 1, 1)]
+    for prompt, label in zip(drawn[0], labels, strict=True):
+        assert any(torch.equal(prompt, tokenize(t.format(names[label]))[0]) for t in templates)
+    assert not torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[1], drawn[2])
+    for rank in (0, 1):  # two ranks draw, for their share of the batch, one process's prompts
+        ranks = types.SimpleNamespace(rank=rank, world_size=2)
+        shared = ldifs.step_prompts(tokens, labels[rank::2], 1, ranks, args)
+        assert torch.equal(shared, drawn[1][rank::2])
+    args.loss = "flyp-ce"
+    per_class = ldifs.step_prompts(tokens, None, 0, one, args)
+    assert all(
+        any(torch.equal(prompt, tokenize(t.format(name))[0]) for t in templates)
+        for prompt, name in zip(per_class, names, strict=True)
+    )
 
 
 def test_gradients_are_clipped_to_grad_clip(tmp_path, monkeypatch):
@@ -444,11 +499,11 @@ def test_lam_reduces_feature_drift(tmp_path):
         fit(args, stage, classifier, reference, data)
         images = data.finish(torch.stack([data[i][0] for i in range(32)]))
         with (
-            ldifs.recorded_taps(classifier.encoder, stage.taps) as taps,
+            ldifs.recorded_taps(classifier.visual, stage.taps) as taps,
             ldifs.recorded_taps(reference, stage.taps) as ref_taps,
             torch.no_grad(),
         ):
-            classifier.encoder.eval()(images)
+            classifier.visual.eval()(images)
             reference(images)
         return ldifs.ldifs_distance(list(taps.values()), list(ref_taps.values())).item()
 
@@ -461,10 +516,10 @@ def test_l2sp_term_is_zero_at_step_zero_and_keeps_weights_closer(tmp_path):
         args, stage, classifier, reference, data = tiny_setup(
             tmp_path / alpha, "--lam", "0", "--l2sp", alpha, steps=15
         )
-        assert ldifs.l2sp_penalty(classifier.encoder, reference).item() == 0.0
+        assert ldifs.l2sp_penalty(classifier.visual, reference).item() == 0.0
         fit(args, stage, classifier, reference, data)
         assert read_log(stage.out)[0]["loss/l2sp"] == 0.0  # at step 0, before any update
-        distances[alpha] = ldifs.l2sp_penalty(classifier.encoder, reference).item()
+        distances[alpha] = ldifs.l2sp_penalty(classifier.visual, reference).item()
     assert distances["0.5"] < distances["0"], distances
 
 
@@ -567,6 +622,70 @@ def two_runs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def flyp_runs(tmp_path_factory):
+    """Short FLYP and FLYP-CE runs, evaluated on the stripes task."""
+    root = tmp_path_factory.mktemp("flyp")
+    for loss in ("flyp", "flyp-ce"):
+        flags = ["--loss", loss, "--lam", "0", "--max-steps", "12", "--out", str(root / loss)]
+        ldifs.main([*TINY, *flags])
+    return root
+
+
+def pretrained_tiny_clip():
+    """The random CLIP the synthetic runs start from: drawn by their --seed, 0."""
+    torch.manual_seed(0)
+    return ldifs.load_clip(ldifs.TINY_CLIP, "none")
+
+
+def zero_shot_accuracy(clip, transform, task):
+    args = types.SimpleNamespace(workers=0, eval_batch_size=256, device=torch.device("cpu"))
+    tokenizer, task = open_clip.get_tokenizer(ldifs.TINY_CLIP), ldifs.TASKS[task]
+    head = ldifs.zero_shot_head(clip, tokenizer, task.classnames, task.templates, "cpu")
+    test = ldifs.get_dataset(task, "test", ldifs.DATA_ROOT, transform)
+    return ldifs.probe_accuracy(head, *ldifs.extract_features(clip.visual, test, args)), head
+
+
+def test_flyp_trains_both_towers_and_ce_leaves_the_text_tower_bitwise(two_runs, flyp_runs):
+    start = pretrained_tiny_clip()[0].state_dict()
+    text = {k: v for k, v in start.items() if not k.startswith("visual.") and k != "logit_scale"}
+    for run in (two_runs / "lam0", flyp_runs / "flyp", flyp_runs / "flyp-ce"):
+        weights = weights_of(run)
+        assert not same_weights({k: start[k] for k in weights if k.startswith("visual.")}, weights)
+        assert same_weights(text, weights) == (run.name == "lam0"), run
+    scales = [weights_of(flyp_runs / loss)["logit_scale"] for loss in ("flyp", "flyp-ce")]
+    assert scales[0] == start["logit_scale"] != scales[1]  # a constant in FLYP, trained in FLYP-CE
+
+
+def test_a_flyp_run_is_scored_with_the_zero_shot_head_of_its_own_text_tower(flyp_runs):
+    """Its target accuracy, head.pt and forgetting table's ZS columns, as the release's."""
+    for loss in ("flyp", "flyp-ce"):
+        out = flyp_runs / loss
+        clip, _, transform = open_clip.create_model_and_transforms(f"local-dir:{out}")
+        accuracy, head = zero_shot_accuracy(clip, transform, "synthetic")
+        metrics, saved = json.loads((out / "metrics.json").read_text()), weights_of(out, "head.pt")
+        assert accuracy == pytest.approx(metrics["test_accuracy"])
+        assert torch.allclose(saved["weight"], head.weight, atol=1e-5)
+        assert not torch.allclose(saved["weight"], saved["init_weight"], atol=1e-3)
+        forgetting = metrics["forgetting"]["synthetic-stripes"]
+        assert forgetting["zs_finetuned"] == pytest.approx(
+            zero_shot_accuracy(clip, transform, "synthetic-stripes")[0]
+        )
+        assert forgetting["zs_pretrained"] == pytest.approx(
+            zero_shot_accuracy(*pretrained_tiny_clip()[::2], "synthetic-stripes")[0]
+        )
+
+
+def test_a_frozen_head_keeps_its_init_while_the_encoder_trains(tmp_path, capsys):
+    metrics = train_tiny(tmp_path, capsys, "--freeze-head", "--eval-tasks", "none", steps=4)
+    head, start = weights_of(tmp_path, "head.pt"), pretrained_tiny_clip()[0].state_dict()
+    assert torch.equal(head["weight"], head["init_weight"]) and head["bias"].abs().sum() > 0
+    assert torch.equal(head["bias"], head["init_bias"]) and metrics["freeze_head"]
+    assert not same_weights(
+        {k: v for k, v in start.items() if k.startswith("visual.")}, weights_of(tmp_path)
+    )
+
+
 def test_a_run_writes_outputs_that_open_clip_and_torch_load(two_runs):
     out = two_runs / "lam10"
     metrics = strict_json((out / "metrics.json").read_text())
@@ -600,9 +719,16 @@ def test_a_run_ends_with_a_forgetting_table(two_runs, capsys, tmp_path):
     assert lines[4].startswith("| **average** |")
 
 
-def test_openai_weights_are_built_with_quick_gelu_and_a_run_records_it(tmp_path):
+def test_openai_weights_are_built_with_quick_gelu_and_a_run_records_it(tmp_path, monkeypatch):
     """OpenAI's weights were trained with QuickGELU: built with GELU they lose accuracy, and
     open_clip only warns. A run's weights file carries the flag in the config beside it."""
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: "offline")
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint", lambda *a, **k: None)
+    for tag, activation in (("openai", "QuickGELU"), ("laion2b_s34b_b79k", "GELU")):
+        with torch.device("meta"):  # the model load_clip builds, without memory or weights
+            clip = ldifs.load_clip("ViT-B-32", tag, "meta")[0]
+        built = {type(m).__name__ for m in clip.modules() if "GELU" in type(m).__name__}
+        assert built == {activation}, tag
     assert ldifs.needs_quick_gelu("ViT-B-32", "openai")
     assert not ldifs.needs_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
     weights = tmp_path / "open_clip_pytorch_model.bin"
@@ -640,7 +766,7 @@ def test_help_documents_every_flag(capsys):
     assert code == 0 and "(default: 10.0)" in text and "(default: None)" not in text
     flags = [c for c in ldifs.parse_args.__code__.co_consts if str(c).startswith("--")]
     helped = [line.split()[0] for line in out.split("options:")[1].splitlines() if line.strip()]
-    assert len(flags) == 30 and all(flag in helped for flag in flags)
+    assert len(flags) == 32 and all(flag in helped for flag in flags)
 
 
 def test_list_tasks_shows_every_task(capsys):
@@ -656,9 +782,14 @@ def test_task_names_are_read_in_any_case_and_the_target_is_no_eval_task(tmp_path
     tasks = ldifs.resolve_args(args)
     assert [t.name for t in tasks] == ["eurosat"] and args.eval_tasks == ["mnist"]
     assert args.out == Path("runs/eurosat-lam10")
-    baseline = ldifs.parse_args(["--lam", "0", "--l2sp", "0.5", "--label-smoothing", "0.1"])
-    ldifs.resolve_args(baseline)
-    assert baseline.out == Path("runs/eurosat-lam0-l2sp0.5-ls0.1")  # not FT's folder
+    for flags, out in [
+        (["--lam", "0", "--l2sp", "0.5", "--label-smoothing", "0.1"], "eurosat-lam0-l2sp0.5-ls0.1"),
+        (["--lam", "0", "--loss", "flyp-ce"], "eurosat-lam0-flyp-ce"),
+        (["--freeze-head"], "eurosat-lam10-frozen-head"),
+    ]:  # not FT's folder
+        baseline = ldifs.parse_args(flags)
+        ldifs.resolve_args(baseline)
+        assert baseline.out == Path("runs", out)
     hub = ldifs.parse_args(["--model", "hf-hub:org/repo", "--pretrained", "openai"])
     ldifs.resolve_args(hub)  # open_clip loads the repo's own weights, whatever the tag
     assert hub.pretrained == "none" and "seed" not in ldifs.weights_key(hub.model, "none", 3)
@@ -691,6 +822,8 @@ def test_task_names_are_read_in_any_case_and_the_target_is_no_eval_task(tmp_path
         (["--batch-size", "4096"], "--batch-size 4096 > the 2400 images of synthetic", 2),
         (["--templates", "{tmp}/garbage.bin"], "write one template a line, each with {{}}", 2),
         (["--resume"], "--resume: no run in {tmp}/out; run without --resume to start", 2),
+        (["--loss", "nosuch"], "argument --loss: invalid choice: 'nosuch'", 2),
+        (["--freeze-head", "--loss", "flyp"], "--freeze-head: --loss flyp trains no head", 2),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, capsys, flags, message, code):
@@ -794,14 +927,14 @@ def test_lp_init_head_is_the_probe_on_cached_train_and_val_features(tmp_path):
     args = tiny_args(tmp_path, "--cache-dir", tmp_path / "cache")
     clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
     task, stage = ldifs.TASKS["synthetic"], types.SimpleNamespace(index=0)
-    head = ldifs.initial_head(clip, task, task.classnames, transform, stage, args)
+    head = ldifs.initial_head(clip, task, transform, stage, args)
     cached = {path.name.split("-")[1] for path in (tmp_path / "cache").iterdir()}
     assert cached == {"train", "val"}  # the probe never needs the test split's features
     f = ldifs.task_features(clip.visual, task, transform, args)
     assert torch.equal(head.weight, ldifs.select_probe(f["train"], f["val"], 6).weight)
     assert head.bias.abs().sum() > 0 and head.bias.requires_grad
     later = types.SimpleNamespace(index=1)  # the encoder has moved: its features are not kept
-    ldifs.initial_head(clip, task, task.classnames, transform, later, args)
+    ldifs.initial_head(clip, task, transform, later, args)
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
@@ -818,10 +951,10 @@ class Constant(torch.nn.Module):
 def test_forgetting_deltas_are_finetuned_minus_pretrained(tmp_path):
     args = tiny_args(tmp_path, "--cache-dir", tmp_path / "cache")
     clip, _, transform = ldifs.load_clip(args.model, args.pretrained)
+    forgot = copy.deepcopy(clip)
+    forgot.visual = Constant()
     digest = ldifs.encoder_digest(Constant())
-    row = ldifs.forgetting_on(
-        ldifs.TASKS["synthetic"], clip.visual, Constant(), digest, clip, transform, args
-    )
+    row = ldifs.forgetting_on(ldifs.TASKS["synthetic"], clip, forgot, digest, transform, args)
     assert row["lp_pretrained"] > 0.5 > 0.25 > row["lp_finetuned"]  # 6 colours: chance is 1/6
     assert row["delta_lp"] == pytest.approx(row["lp_finetuned"] - row["lp_pretrained"])
     assert row["delta_zs"] == pytest.approx(row["zs_finetuned"] - row["zs_pretrained"])
@@ -888,12 +1021,12 @@ def test_eval_tasks_whose_data_is_missing_are_skipped_not_fatal(tmp_path, capsys
 # ------------------------------------------------------------------ eval.py
 
 
-def compare(capsys, *argv):
-    """eval.py in this process: its exit code, table and JSON rows."""
+def compare(capsys, *argv, key="rows"):
+    """eval.py in this process: its table, and its JSON's rows (or another `key`)."""
     out = Path(argv[0]).parent / "eval.json"
     code, stdout, err = run_main(evaluation, [*argv, "--workers", "0", "--json", out], capsys)
     assert code == 0, err
-    return stdout, json.loads(out.read_text())["rows"]
+    return stdout, json.loads(out.read_text())[key]
 
 
 def test_eval_compares_runs_and_their_wise_ft_mixes(two_runs, capsys):
@@ -920,12 +1053,86 @@ def test_eval_compares_runs_and_their_wise_ft_mixes(two_runs, capsys):
         )
     assert pre == pytest.approx(metrics["forgetting"]["synthetic-stripes"]["lp_pretrained"])
     assert "| synthetic FT | " in table and "Δ_LP synthetic-stripes" in table
+    table, methods = compare(capsys, *runs, "--wise-ft", "0.5", "--by-method", key="by_method")
+    assert [m["method"] for m in methods] == [
+        "FT",
+        "WiSE-FT alpha 0.5 of FT",
+        "LDIFS (lam 10)",
+        "WiSE-FT alpha 0.5 of LDIFS (lam 10)",
+    ]
+    for method, row in zip(methods, rows[1:], strict=True):  # one target task: the run's row
+        assert method["target_tasks"] == 1 and method["avg_delta_lp"] == row["avg_delta_lp"]
+    assert f"| LDIFS (lam 10) | 1 | {100 * rows[3]['target_accuracy']:.1f} |" in table
 
 
 def test_wise_ft_interpolates_weights():
     a, b = {"w": torch.zeros(3), "n": torch.tensor(0)}, {"w": torch.ones(3), "n": torch.tensor(4)}
     mixed = evaluation.wise_ft(a, b, 0.25)
     assert torch.allclose(mixed["w"], torch.full((3,), 0.25)) and mixed["n"].dtype == torch.int64
+
+
+def test_a_runs_averages_leave_out_its_target_and_methods_average_over_targets():
+    baseline = {"a": 0.5, "b": 0.5, "c": 0.5}
+    rows = [{"a_lp": baseline}]
+    for method, task, a_lp, accuracy in [
+        ("FT", "a", (0.9, 0.4, 0.2), 0.9),
+        ("FT", "a", (0.9, 0.2, 0.2), 0.7),  # a second seed
+        ("FT", "b", (0.6, 0.9, 0.6), 0.8),
+        ("LDIFS (lam 10)", "a", (0.9, 0.5, 0.7), 0.9),
+    ]:
+        row = dict(method=method, task=task, target_accuracy=accuracy)
+        rows.append(dict(row, a_lp=dict(zip("abc", a_lp, strict=True))))
+    evaluation.add_deltas(rows, baseline)
+    assert rows[0]["avg_a_lp"] == pytest.approx(0.5)  # no target: every task
+    assert rows[1]["avg_a_lp"] == pytest.approx(0.3) and rows[1]["avg_delta_lp"] == pytest.approx(
+        -0.2
+    )
+    ft, ldifs_row = evaluation.by_method(rows[1:])
+    assert (ft["method"], ft["target_tasks"], ldifs_row["target_tasks"]) == ("FT", 2, 1)
+    assert ft["target_accuracy"] == pytest.approx((0.8 + 0.8) / 2)  # seeds first, then targets
+    assert ft["avg_a_lp"] == pytest.approx((0.25 + 0.6) / 2)
+    assert ldifs_row["avg_delta_lp"] == pytest.approx(0.1)
+
+
+def test_eval_wise_ft_mixes_the_head_as_it_mixes_the_encoder(two_runs, capsys, monkeypatch):
+    """alpha 0: the initial head on the start encoder; 0.5: the mean head on the mean encoder."""
+    scored, accuracy = [], ldifs.probe_accuracy
+    spy = lambda head, x, y: scored.append((head, x)) or accuracy(head, x, y)  # noqa: E731
+    monkeypatch.setattr(ldifs, "probe_accuracy", spy)
+    run = two_runs / "lam10"
+    _, rows = compare(capsys, run, "--tasks", "none", "--wise-ft", "0,0.5")
+    head, saved = weights_of(run, "head.pt"), weights_of(run)
+    start, _, transform = pretrained_tiny_clip()
+    args = types.SimpleNamespace(workers=0, eval_batch_size=256, device=torch.device("cpu"))
+    test = ldifs.get_dataset("synthetic", "test", ldifs.DATA_ROOT, transform)
+    for (mixed, x), alpha in zip(scored, (1, 0, 0.5), strict=True):
+        for k in ("weight", "bias"):
+            assert torch.allclose(
+                mixed.state_dict()[k], torch.lerp(head[f"init_{k}"], head[k], alpha)
+            )
+        clip = copy.deepcopy(start)
+        clip.load_state_dict(evaluation.wise_ft(start.state_dict(), saved, alpha))
+        assert torch.allclose(x, ldifs.extract_features(clip.visual, test, args)[0], atol=1e-6)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert rows[1]["target_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
+def test_eval_wise_ft_of_a_flyp_run_mixes_both_towers_and_rebuilds_its_zero_shot_head(
+    flyp_runs, capsys
+):
+    run = flyp_runs / "flyp"
+    _, rows = compare(capsys, run, "--tasks", "none", "--wise-ft", "0,0.5")
+    start, _, transform = pretrained_tiny_clip()
+    assert rows[2]["target_accuracy"] == pytest.approx(
+        zero_shot_accuracy(start, transform, "synthetic")[0]
+    )
+    mixed = copy.deepcopy(start)  # the text tower mixed too, and the head rebuilt from it
+    mixed.load_state_dict(evaluation.wise_ft(start.state_dict(), weights_of(run), 0.5))
+    assert rows[3]["target_accuracy"] == pytest.approx(
+        zero_shot_accuracy(mixed, transform, "synthetic")[0]
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert rows[1]["target_accuracy"] == pytest.approx(metrics["test_accuracy"])
 
 
 def test_eval_rebuilds_the_random_weights_a_run_started_from(two_runs, tmp_path, capsys):
@@ -983,6 +1190,10 @@ def test_eval_refuses_runs_from_different_weights_and_paths_that_are_no_runs(
 def test_eval_labels_name_the_method_and_tell_alike_runs_apart(two_runs, tmp_path, capsys):
     base = {"lam": 0.0, "l2sp": 0.0, "head": "lp"}
     assert evaluation.method_label(base) == "FT"
+    assert evaluation.method_label({**base, "loss": "flyp-ce", "head": "zs"}) == "FLYP-CE"
+    flyp = {**base, "loss": "flyp", "lam": 10.0}
+    assert evaluation.method_label(flyp) == "FLYP + LDIFS (lam 10)"
+    assert evaluation.method_label({**base, "freeze_head": True}) == "FT, frozen head"
     assert evaluation.method_label({**base, "lam": 10.0, "head": "zs"}) == "LDIFS (lam 10), ZS-init"
     assert evaluation.method_label({**base, "l2sp": 0.5}) == "L2-SP (alpha 0.5)"
     assert evaluation.method_label({**base, "label_smoothing": 0.1}) == "LS (eps 0.1)"
@@ -1359,10 +1570,11 @@ RESUME = [*TINY, "--head", "zs", "--max-steps", "16", "--save-every", "2", "--ev
 RESUME += ["--log-every", "1"]
 
 
-def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path, capsys):
-    train_tiny(tmp_path / "unbroken", capsys, *RESUME[len(TINY) :], steps=16)
+@pytest.mark.parametrize("loss", ["ce", "flyp"])
+def test_sigkill_then_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path, capsys, loss):
+    train_tiny(tmp_path / "unbroken", capsys, *RESUME[len(TINY) :], "--loss", loss, steps=16)
     killed = tmp_path / "killed"
-    flags = [*RESUME, "--workers", "2", "--out", killed]
+    flags = [*RESUME, "--loss", loss, "--workers", "2", "--out", killed]
     command = [sys.executable, str(HERE / "ldifs.py"), *map(str, flags)]
     process = subprocess.Popen(command, env=run_env(flags), stderr=subprocess.DEVNULL, cwd=HERE)
     deadline = time.time() + 120
@@ -1508,8 +1720,9 @@ SEQUENCE = [
 ]
 
 
+@pytest.mark.parametrize("loss", ["ce", "flyp-ce"])
 def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, loss
 ):
     references, ends, real = [], [], ldifs.finetune
 
@@ -1520,7 +1733,7 @@ def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(
         return head
 
     monkeypatch.setattr(ldifs, "finetune", spy)
-    code, out, err = run_main(ldifs, [*SEQUENCE, "--out", tmp_path], capsys)
+    code, out, err = run_main(ldifs, [*SEQUENCE, "--loss", loss, "--out", tmp_path], capsys)
     assert code == 0, err
     assert same_weights(references[1], ends[0]) and not same_weights(references[1], references[0])
     heads = [weights_of(tmp_path / d, "head.pt") for d in ("0-synthetic", "1-synthetic-stripes")]
@@ -1533,6 +1746,11 @@ def test_continual_reference_is_the_previous_stage_and_heads_are_per_task(
     assert summary["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
     assert summary["average_accuracy"] == pytest.approx(sum(matrix[1]) / 2)
     assert "backward transfer" in out
+    if loss != "ce":  # FLYP scores an earlier task with the text tower it has now
+        final = f"local-dir:{tmp_path / '1-synthetic-stripes'}"
+        clip, _, transform = open_clip.create_model_and_transforms(final)
+        assert matrix[1][0] == pytest.approx(zero_shot_accuracy(clip, transform, "synthetic")[0])
+        return
     references.clear()
     code, _, err = run_main(
         ldifs, [*SEQUENCE, "--reference", "pretrained", "--out", tmp_path / "p"], capsys
@@ -1597,9 +1815,12 @@ SIX_LOGGED_STEPS = [
 ]
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, capsys):
-    train_tiny(tmp_path / "one", capsys, *SIX_LOGGED_STEPS[len(TINY) :], steps=6)
-    ddp = run_cli(*SIX_LOGGED_STEPS, "--out", tmp_path / "two", launcher=TORCHRUN_2)
+@pytest.mark.parametrize("loss", ["ce", "flyp"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, capsys, loss):
+    """FLYP's contrastive loss spans the global batch: ClipLoss gathers it across ranks."""
+    flags = [*SIX_LOGGED_STEPS, "--loss", loss]
+    train_tiny(tmp_path / "one", capsys, *flags[len(TINY) :], steps=6)
+    ddp = run_cli(*flags, "--out", tmp_path / "two", launcher=TORCHRUN_2)
     assert ddp.returncode == 0, ddp.stderr
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
@@ -1636,10 +1857,29 @@ def ldifs_tiny_convnext(pretrained=False, **kwargs):
     return with_cfg(ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), **model_kwargs(kwargs)))
 
 
+@register_model
+def ldifs_tiny_swin(pretrained=False, **kwargs):
+    swin = dict(img_size=32, window_size=2, embed_dim=16, depths=(1,) * 4, num_heads=(1,) * 4)
+    swin.update(drop_path_rate=0.0)  # timm's default 0.1 would make train and eval mode differ
+    return with_cfg(SwinTransformer(**swin, **model_kwargs(kwargs)))
+
+
 @pytest.mark.parametrize(
-    "trunk, stem, stages", [("vit", "norm_pre", "blocks"), ("convnext", "stem", "stages")]
+    "trunk, stem, stages",
+    [
+        ("vit", "norm_pre", "blocks"),
+        ("convnext", "stem", "stages"),
+        ("swin", "patch_embed", "layers"),
+    ],
 )
-def test_timm_towers_train_with_ldifs_on_their_trunk(tmp_path, capsys, trunk, stem, stages):
+def test_timm_towers_train_with_ldifs_on_their_trunk(
+    tmp_path, capsys, monkeypatch, trunk, stem, stages
+):
+    """The trunk's stem and stages are tapped; Swin's channels-last (B, H, W, C) maps reach
+    ldifs_distance as (B, C, H, W), which it normalises over channels."""
+    shapes, distance = [], ldifs.ldifs_distance
+    record = lambda taps, ref: shapes.append([t.shape for t in taps]) or distance(taps, ref)  # noqa: E731
+    monkeypatch.setattr(ldifs, "ldifs_distance", record)
     vision = {
         "timm_model_name": f"ldifs_tiny_{trunk}",
         "timm_model_pretrained": False,
@@ -1664,6 +1904,9 @@ def test_timm_towers_train_with_ldifs_on_their_trunk(tmp_path, capsys, trunk, st
     assert metrics["taps"] == [f"trunk.{stem}"] + [f"trunk.{stages}.{i}" for i in range(4)]
     distances = [r["ldifs_distance"] for r in read_log(out)]
     assert distances[0] < 1e-9 and distances[-1] > 100 * max(distances[0], 1e-12)
+    if trunk == "swin":  # patch_embed and stage 0 at 8x8, then each stage halves and doubles
+        channels = [(16, 8), (16, 8), (32, 4), (64, 2), (128, 1)]
+        assert shapes[0] == [(64, c, s, s) for c, s in channels]
 
 
 # ------------------------------------------------------------------ benchmarks (opt-in)
@@ -1678,7 +1921,8 @@ def step_images_per_second(model, batch_size, device, lam=0.0, steps=30):
     head = torch.nn.Linear(clip.visual.output_dim, 6, device=device)
     classifier, reference = ldifs.ImageClassifier(clip.visual, head), ldifs.frozen_copy(clip.visual)
     taps = ldifs.default_tap_names(clip.visual) if lam else []
-    args = types.SimpleNamespace(device=device, lr=1e-5, wd=0.1)
+    args = types.SimpleNamespace(device=device, lr=1e-5, wd=0.1, lam=lam, loss="ce")
+    args.label_smoothing = 0.0
     optimizer = ldifs.make_optimizer(classifier.parameters(), args)
     images = torch.randn(batch_size, 3, *clip.visual.image_size, device=device)
     labels = torch.randint(6, (batch_size,), device=device)
@@ -1690,9 +1934,8 @@ def step_images_per_second(model, batch_size, device, lam=0.0, steps=30):
             if step == 2:
                 start = ldifs.sync_time(device)
             with ldifs.autocast(device):
-                ce, distance = ldifs.ldifs_loss(
-                    classifier, reference, recorded, ref, images, labels, lam
-                )
+                batch = (images, labels, None)
+                ce, distance = ldifs.ldifs_loss(classifier, reference, recorded, ref, batch, args)
             optimizer.zero_grad()
             (ce + lam * distance).backward()
             optimizer.step()
