@@ -6,10 +6,12 @@ features may be the solution" (TMLR 2024). The loss is
     loss = CE(head(f(x)), y) + lam * D(x),   D = ldifs_distance(taps(f, x), taps(f0, x))
 
 where f is the trainable image encoder, f0 a frozen copy of the pre-trained one and the
-taps are intermediate activations (see `ldifs_distance`). lam=0 is plain fine-tuning.
+taps are intermediate activations (see `ldifs_distance`). lam=0 is plain fine-tuning;
+--loss flyp or flyp-ce trains both towers with the release's FLYP losses in place of CE.
 
     python ldifs.py --task eurosat --lam 10            # CLIP ViT-B/32 (OpenAI) on EuroSAT
     python ldifs.py --task eurosat --lam 0             # plain fine-tuning, for comparison
+    python ldifs.py --task eurosat --loss flyp --lam 0 # FLYP, the release's contrastive baseline
     python ldifs.py --task svhn,cifar10,resisc45       # continual fine-tuning, task after task
     python ldifs.py --task folder:~/data/leaves        # your own images (ImageFolder layout)
     python ldifs.py --task synthetic                   # offline smoke run, tiny CLIP, CPU

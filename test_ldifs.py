@@ -1878,8 +1878,12 @@ def test_timm_towers_train_with_ldifs_on_their_trunk(
     """The trunk's stem and stages are tapped; Swin's channels-last (B, H, W, C) maps reach
     ldifs_distance as (B, C, H, W), which it normalises over channels."""
     shapes, distance = [], ldifs.ldifs_distance
-    record = lambda taps, ref: shapes.append([t.shape for t in taps]) or distance(taps, ref)  # noqa: E731
-    monkeypatch.setattr(ldifs, "ldifs_distance", record)
+
+    def recorded(taps, ref_taps):
+        shapes.append([t.shape for t in taps])
+        return distance(taps, ref_taps)
+
+    monkeypatch.setattr(ldifs, "ldifs_distance", recorded)
     vision = {
         "timm_model_name": f"ldifs_tiny_{trunk}",
         "timm_model_pretrained": False,
@@ -2056,8 +2060,9 @@ def test_cuda_bf16_steps_stay_finite_with_d_in_fp32_and_memory_is_cudas(tmp_path
 
 
 @cuda
-def test_cuda_torchrun_joins_over_nccl_and_logs_as_a_plain_run_does(tmp_path):
-    flags = [*SIX_LOGGED_STEPS, "--device", "cuda"]
+@pytest.mark.parametrize("loss", ["ce", "flyp"])
+def test_cuda_torchrun_joins_over_nccl_and_logs_as_a_plain_run_does(tmp_path, loss):
+    flags = [*SIX_LOGGED_STEPS, "--device", "cuda", "--loss", loss]
     plain = run_cli(*flags, "--out", tmp_path / "plain")
     nccl = run_cli(*flags, "--out", tmp_path / "nccl", launcher=[*TORCHRUN_2[:-1], "1"])
     assert plain.returncode == 0 and nccl.returncode == 0, plain.stderr + nccl.stderr
