@@ -104,15 +104,12 @@ def check_same_start(runs):
     return starts.popitem()[1]
 
 
-LOSSES = {"flyp": "FLYP", "flyp-ce": "FLYP-CE"}
-
-
 def method_label(metrics):
     """FT, LDIFS, L2-SP, LS (label smoothing), FLYP or FLYP-CE, as the paper names them; the
     head init when it is not LP-init; a frozen head; and for a continual stage, the sequence."""
     lam, alpha, eps = metrics["lam"], metrics.get("l2sp", 0), metrics.get("label_smoothing", 0)
     loss = metrics.get("loss", "ce")
-    methods = [LOSSES.get(loss)] * (loss != "ce") + [f"LDIFS (lam {lam:g})"] * bool(lam)
+    methods = [loss.upper()] * (loss != "ce") + [f"LDIFS (lam {lam:g})"] * bool(lam)
     methods += [f"L2-SP (alpha {alpha:g})"] * bool(alpha) + [f"LS (eps {eps:g})"] * bool(eps)
     label = " + ".join(methods) or "FT"
     if metrics.get("head") == "zs" and loss == "ce":

@@ -162,7 +162,7 @@ def step_prompts(tokens, labels, step, stage, args):
     class. Drawn as seeded by the step, so a resume and any number of ranks draw the same."""
     if tokens is None:
         return None
-    g = torch.Generator().manual_seed(hash((args.seed, step, -1)))  # -1: no image's seed
+    g = torch.Generator().manual_seed(hash((args.seed, step, -1)))  # -1: no image's crop seed
     classes, templates = tokens.shape[:2]
     if args.loss == "flyp-ce":
         drawn = tokens[torch.arange(classes), torch.randint(templates, (classes,), generator=g)]
@@ -1318,7 +1318,8 @@ def parse_args(argv=None):
     add("--model", help="open_clip model, hf-hub:org/repo or local-dir:PATH [ViT-B-32]")
     add("--pretrained", help="open_clip tag, checkpoint path, or 'none' [openai]")
     add("--taps", help="comma-separated tower submodules LDIFS compares [the tower's default]")
-    add("--head", choices=["lp", "zs"], default="lp", help="head init: linear probe or zero-shot")
+    head = "head init: linear probe or zero-shot (FLYP's is zero-shot: it trains no head)"
+    add("--head", choices=["lp", "zs"], default="lp", help=head)
     add("--freeze-head", action="store_true", help="keep the head at its init (--loss ce)")
     add("--templates", help="prompt templates file, one a line with {} [the task's]")
     where = "where data is read and downloaded ($LDIFS_DATA)"
